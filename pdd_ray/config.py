@@ -1,0 +1,380 @@
+"""Typed configuration: YAML presets in ``configs/`` validated into frozen objects.
+
+Why pydantic: a typo in a hyper-parameter is the most common way a distillation run wastes
+a GPU-day (peers' READMEs swapped IPC commands, had unused flags, table typos). Every key is
+declared here with its type and bounds, unknown keys are refused with a suggestion, and the
+CLI turns any violation into one line naming the key, the value and what is accepted.
+
+The data flow is config -> data -> experts -> stages -> evaluation -> tracking; this module
+knows nothing about the later steps except the static facts it needs to validate early
+(for example the image size each built-in dataset serves, so a model that cannot take it is
+refused before anything is loaded).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pdd_ray.errors import PddError
+
+#: Image side length each built-in dataset serves (``imagefolder`` depends on the data).
+DATASET_IMAGE_SIZES: dict[str, int | None] = {
+    "digits": 8,
+    "mnist": 28,
+    "fashion_mnist": 28,
+    "svhn": 32,
+    "cifar10": 32,
+    "cifar100": 32,
+    "tiny_imagenet": 64,
+    "imagefolder": None,
+}
+
+#: Where the presets live: ``<repo>/configs`` (the package is installed editable, or run from
+#: a Ray job's uploaded working directory, so the folder sits beside the package).
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    """Which real dataset to distill and how it is split and preprocessed."""
+
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, le=0.5)
+    split_seed: int = Field(0, ge=0)
+    test_fraction: float = Field(0.2, gt=0.0, le=0.5)
+    image_size: int | None = Field(None, ge=8, le=512)
+    zca: bool = False
+    zca_eps: float = Field(0.1, gt=0.0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASET_IMAGE_SIZES:
+            raise ValueError(_choice_message(v, DATASET_IMAGE_SIZES))
+        return v
+
+    @property
+    def resolved_image_size(self) -> int | None:
+        """Image side the model will see, when it is known before loading any data."""
+        if self.image_size is not None:
+            return self.image_size
+        return DATASET_IMAGE_SIZES[self.dataset]
+
+
+class ModelConfig(_Section):
+    """The network distilled for (ConvNet) or evaluated across (the others)."""
+
+    arch: Literal["convnet", "resnet18", "vgg11", "alexnet"] = "convnet"
+    width: int = Field(128, gt=0, le=4096)
+    depth: int | None = Field(None, ge=1, le=8)
+    norm: Literal["instance", "batch", "none"] = "instance"
+    pooling: Literal["avg", "max"] = "avg"
+
+
+class AugmentConfig(_Section):
+    """Differentiable Siamese augmentation (DSA); ``strategy: none`` switches it off."""
+
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_families(cls, v: str) -> str:
+        families = ("color", "crop", "cutout", "flip", "scale", "rotate")
+        if v in ("", "none"):
+            return "none"
+        for part in v.split("_"):
+            if part not in families:
+                raise ValueError(
+                    f"unknown augmentation family '{part}'; use families from {', '.join(families)} "
+                    "joined by '_', or 'none'"
+                )
+        return v
+
+
+class ExpertsConfig(_Section):
+    """Expert trajectories trained on real data (the teachers trajectory matching imitates)."""
+
+    num_experts: int = Field(10, ge=1)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+    keep_all_epochs: bool = False
+    cpus: float = Field(1.0, gt=0.0)
+    gpus: float = Field(0.0, ge=0.0)
+    storage: str | None = None  # trajectory store root; default <storage>/experts
+
+
+class DistillConfig(_Section):
+    """PDD stages on top of the base distillation method."""
+
+    method: Literal["mtt"] = "mtt"
+    num_stages: int = Field(5, ge=1, le=100)
+    ipc_per_stage: int = Field(2, ge=1)
+    iterations: int = Field(5000, ge=0)
+    syn_steps: int = Field(20, ge=1)
+    expert_epochs: int = Field(2, ge=1)
+    max_start_epoch: int = Field(20, ge=1)
+    lr_img: float = Field(1000.0, gt=0.0)
+    lr_lr: float = Field(1e-5, ge=0.0)
+    lr_init: float = Field(0.01, gt=0.0)
+    batch_syn: int | None = Field(None, ge=1)
+    batch_syn_policy: Literal["stage", "union"] = "stage"
+    unroll: Literal["full"] = "full"
+    eval_every: int = Field(100, ge=1)
+    eval_runs: int = Field(2, ge=1)
+    eval_epochs: int = Field(300, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+    transition_syn_epochs: int = Field(300, ge=0)
+    transition_experts: int | None = Field(None, ge=1)
+
+    @property
+    def total_ipc(self) -> int:
+        """Images per class of the final union."""
+        return self.num_stages * self.ipc_per_stage
+
+
+class EvalConfig(_Section):
+    """The progressive evaluator and the baselines that share its harness."""
+
+    runs: int = Field(5, ge=1)
+    epochs_per_stage: int = Field(300, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+    lr_decay_at_half: bool = True
+    carry_optimizer_state: bool = True
+    augment: bool = True
+    full_epochs: int = Field(60, ge=1)
+    full_batch_size: int = Field(128, ge=1)
+    archs: tuple[Literal["convnet", "resnet18", "vgg11", "alexnet"], ...] = ("convnet",)
+    cpus_per_run: float = Field(1.0, gt=0.0)
+    gpus_per_run: float = Field(0.0, ge=0.0)
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking; ``uri`` null means ``sqlite:///<storage>/mlflow.db``."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "pdd_ray"
+
+
+class PddConfig(_Section):
+    """Everything one pdd_ray run depends on."""
+
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    storage: str = "outputs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PddConfig:
+        d = self.distill
+        size = self.data.resolved_image_size
+        if size is not None:
+            _check_model_size(self.model.arch, size, self.model.depth)
+        if d.max_start_epoch + d.expert_epochs > self.experts.epochs:
+            raise ValueError(
+                f"distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch + d.expert_epochs} "
+                f"exceeds experts.epochs = {self.experts.epochs}; matching targets must lie inside the "
+                "recorded trajectories"
+            )
+        if self.experts.gpus > 0 and not d.use_gpu:
+            raise ValueError(f"experts.gpus = {self.experts.gpus} needs distill.use_gpu: true")
+        return self
+
+    @property
+    def storage_root(self) -> str:
+        """``storage`` as an absolute path or a URI (Ray and pyarrow refuse relative paths)."""
+        return absolute_storage(self.storage)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"distill.ipc_per_stage": 2, ...}``: for MLflow params and store keys."""
+        return flatten_dict(self.model_dump(mode="json"))
+
+
+def absolute_storage(storage: str) -> str:
+    """Make a local storage path absolute; leave URIs (``s3://``, ``file://``...) alone."""
+    if "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage).expanduser().resolve())
+
+
+def _check_model_size(arch: str, size: int, depth: int | None) -> None:
+    """Refuse a model that cannot take the dataset's image size, before any data is read."""
+    if size < 8:
+        raise ValueError(f"image size {size} is too small; models need at least 8x8")
+    if arch == "convnet" and depth is not None and (size >> depth) < 1:
+        max_depth = int(math.floor(math.log2(size)))
+        raise ValueError(
+            f"model.depth = {depth} is too deep for {size}x{size} images: "
+            f"at most {max_depth} halvings fit (or leave depth unset)"
+        )
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+# ----------------------------------------------------------------------------------------------
+
+
+def _all_keys(model: type[BaseModel] = PddConfig, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _choice_message(value: Any, choices: Any) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"'{value}' is not one of {', '.join(map(str, choices))}{hint}"
+
+
+def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
+    """Turn pydantic's multi-line report into our one-line message for the first problem."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _all_keys(), n=1, cutoff=0.5)
+        if not close:  # compare the last component too: 'distill.ipcc' ~ 'ipc_per_stage'
+            leaf = loc.rsplit(".", 1)[-1]
+            leaves = {k.rsplit(".", 1)[-1]: k for k in _all_keys() if k.startswith(loc.rsplit(".", 1)[0])}
+            hit = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+            close = [leaves[hit[0]]] if hit else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown config key '{loc}'{hint}"
+    value = first.get("input")
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if not loc:  # a cross-field check: the message already names the keys
+        return f"invalid config: {msg}"
+    if isinstance(value, dict):
+        return f"config key '{loc}': {msg}"
+    return f"config key '{loc}' = {value!r}: {msg}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["distill.ipc_per_stage=4", "seed=1"]`` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise PddError(f"override '{item}' is not of the form key.sub=value (e.g. distill.ipc_per_stage=4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise PddError(f"override '{item}' has an empty key; use key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PddError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A path to a YAML file, or a preset name such as ``digits`` or ``cifar10_ipc10``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (PRESET_DIR / f"{name_or_path}.yaml", PRESET_DIR / name_or_path):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    close = difflib.get_close_matches(name_or_path, presets, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise PddError(
+        f"config '{name_or_path}' is neither a YAML file nor a preset{hint}; presets: {', '.join(presets) or 'none found'}"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping, with a one-line error for syntax problems."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise PddError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise PddError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any]) -> PddConfig:
+    """Validate a nested dict into a :class:`PddConfig`, or raise a one-line :class:`PddError`."""
+    try:
+        return PddConfig.model_validate(data)
+    except ValidationError as err:
+        raise PddError(_format_validation_error(err, data)) from None
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> PddConfig:
+    """Load a preset or YAML file (default: the digits preset) and apply ``key=value`` overrides."""
+    path = resolve_preset(name_or_path or "digits")
+    data = _merge(read_yaml(path), parse_overrides(list(overrides or [])))
+    return build_config(data)
+
+
+def dump_config(config: PddConfig) -> str:
+    """The resolved config as YAML (saved next to every result so a run can be repeated)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
