@@ -1,0 +1,205 @@
+"""``pdd-ray``: the command line. Thin: parse, load config, call the library, print.
+
+Every :class:`PddError` is printed as ``pdd-ray: error: <one line>`` with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pdd_ray import __version__
+from pdd_ray.errors import PddError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("config", nargs="?", default=None, help=config_help)
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="config overrides")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pdd_ray.config import load_config
+    from pdd_ray.evaluation import evaluate_full_baseline, evaluate_random_baseline, format_table
+    from pdd_ray.prepare import prepare
+    from pdd_ray.runtime import ensure_ray
+
+    if args.artifact is not None and Path(args.artifact).exists() and not args.artifact.endswith((".yaml", ".yml")):
+        from pdd_ray.distill.reevaluate import reevaluate_artifact
+
+        return reevaluate_artifact(args)
+    config, overrides = args.artifact, list(args.overrides)
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    if args.runs:
+        overrides.append(f"evaluation.runs={args.runs}")
+    if args.arch:
+        overrides.append(f"model.arch={args.arch}")
+    cfg = load_config(config, overrides)
+    if args.baseline is None:
+        raise PddError("nothing to evaluate: pass an artifact directory or --baseline random|full")
+    if args.baseline == "random" and (args.ipc is None or args.ipc < 1):
+        raise PddError(f"--baseline random needs --ipc N with N >= 1, got {args.ipc}")
+    prepared = prepare(cfg)
+    ensure_ray()
+    progress = not args.no_progress
+    if args.baseline == "random":
+        res = evaluate_random_baseline(
+            prepared.bundle, prepared.spec, cfg.evaluation, cfg.augment.strategy, args.ipc, cfg.seed, progress
+        )
+        detail = f"ipc {args.ipc}, {cfg.evaluation.runs} runs"
+    else:
+        res = evaluate_full_baseline(prepared.bundle, prepared.spec, cfg.evaluation, cfg.augment.strategy, cfg.seed, progress)
+        detail = f"{cfg.evaluation.full_epochs} epochs, {cfg.evaluation.runs} runs"
+    mean, std = res.final
+    vmean, vstd = float(res.mean("val")[-1] * 100), float(res.std("val")[-1] * 100)
+    print(f"dataset {cfg.data.dataset}, model {prepared.spec.arch}")
+    print(format_table([(res.name, detail, mean, std)]))
+    print(f"(validation {vmean:.2f} ± {vstd:.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# experts, run
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from pdd_ray.config import load_config
+    from pdd_ray.experts.produce import expert_store_root, stage1_experts
+    from pdd_ray.prepare import prepare
+    from pdd_ray.runtime import ensure_ray
+
+    config, overrides = _split_config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    prepared = prepare(cfg)
+    ensure_ray()
+    key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
+    if summaries:
+        accs = [s["final_val_acc"] * 100 for s in summaries]
+        print(f"trained {len(summaries)} experts; final validation accuracy "
+              f"{sum(accs) / len(accs):.2f}% (min {min(accs):.2f}, max {max(accs):.2f})")
+    else:
+        print(f"all {cfg.experts.num_experts} experts already present; nothing to train")
+    print(f"store: {expert_store_root(cfg)}/{key}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pdd_ray.config import load_config
+    from pdd_ray.pipeline import print_report, run
+
+    config, overrides = _split_config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    report = run(cfg, progress=not args.no_progress)
+    print_report(cfg, report)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdd-ray",
+        description="Progressive Dataset Distillation (PDD) on Ray: distill a dataset into a few "
+        "synthetic images per class, stage by stage.",
+    )
+    parser.add_argument("--version", action="version", version=f"pdd_ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a distilled artifact, or a random-subset / full-data baseline",
+        description="Evaluate a distilled artifact (progressive training, several runs in parallel) or a "
+        "baseline: a random real subset at --ipc images per class, or the full training set.",
+    )
+    p.add_argument("artifact", nargs="?", default=None, help="artifact directory, or a config preset/YAML for baselines")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="config overrides")
+    p.add_argument("--baseline", choices=["random", "full"], help="evaluate a baseline instead of an artifact")
+    p.add_argument("--dataset", help="dataset name (overrides data.dataset)")
+    p.add_argument("--root", help="dataset root directory (overrides data.root)")
+    p.add_argument("--ipc", type=int, help="images per class of the random subset")
+    p.add_argument("--runs", type=int, help="independent runs (overrides evaluation.runs)")
+    p.add_argument("--arch", help="architecture to evaluate on (convnet, resnet18, vgg11, alexnet)")
+    p.add_argument("--json", help="also write the per-run scores as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser(
+        "experts",
+        help="train the expert trajectories of a config (parallel, resumable)",
+        description="Train the stage-1 expert trajectories of a config on Ray actors and store them as Arrow "
+        "files; experts already in the store are skipped.",
+    )
+    _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
+    p.set_defaults(handler=cmd_experts)
+
+    p = sub.add_parser(
+        "run",
+        help="distill a dataset with PDD and print the accuracy table (default: digits)",
+        description="Progressive dataset distillation: experts, then each stage on Ray Train, transitions in "
+        "between, then progressive evaluation against random-subset and full-data baselines. Re-running "
+        "the same command resumes or skips finished work.",
+    )
+    _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
+    p.set_defaults(handler=cmd_run)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Other modules add their subcommands here (kept apart so this file stays small).
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except PddError as err:
+        print(f"pdd-ray: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pdd-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

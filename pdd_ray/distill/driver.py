@@ -1,0 +1,372 @@
+"""The PDD driver: stages in order, each a Ray Train run, with transitions in between.
+
+    experts_1 = stage-1 experts (Ray actors, trajectory store)
+    for k in 1..P:
+        S_k = TorchTrainer(stage_worker).fit()      # S_<k frozen, best-on-validation kept
+        if k < P: experts_{k+1} = transition(experts_k, S_<=k, α_k)   # Ray actors, parallel
+    artifact + progressive evaluation + baselines
+
+Idempotent: a finished stage is recorded in ``stage_k/manifest.json`` (with its images in
+``stage_k/stage.npz``) and skipped on re-run; an unfinished one resumes inside from its
+latest Ray Train checkpoint; experts already in the store are never retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from pdd_ray.config import PddConfig, dump_config
+from pdd_ray.distill.artifact import write_artifact
+from pdd_ray.distill.stage import StageTask, load_state, stage_worker
+from pdd_ray.errors import PddError
+from pdd_ray.evaluation import StageSet, random_subset, recipe_from_config
+from pdd_ray.experts.produce import (
+    ExpertJob,
+    base_settings,
+    expert_recipe,
+    expert_store_root,
+    matching_reach,
+    model_meta,
+    produce,
+    stage1_experts,
+)
+from pdd_ray.experts.store import TrajectoryStore, store_key
+from pdd_ray.experts.trajectory import Warmup
+from pdd_ray.prepare import Prepared
+from pdd_ray.seeding import derive_seed
+from pdd_ray.training import TrainRecipe
+
+#: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
+FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage contributes: its images, labels, learned lr and history."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    alpha: float
+    best_val_acc: float
+    best_iteration: int
+    losses: list[float]
+    val_history: list[tuple[int, float]]
+
+
+def run_key(cfg: PddConfig) -> str:
+    """Digest of every setting that changes the distilled images (not evaluation or tracking)."""
+    d = cfg.model_dump(mode="json")
+    for k in ("evaluation", "tracking", "storage", "name"):
+        d.pop(k)
+    for k in ("max_failures", "checkpoint_every"):
+        d["distill"].pop(k)
+    d["experts"].pop("storage")
+    return store_key(d)
+
+
+def run_dir(cfg: PddConfig) -> Path:
+    """``<storage>/runs/<name>-<key>``: the same config finds its run again."""
+    root = cfg.storage_root
+    if "://" in root and not root.startswith("file://"):
+        raise PddError(f"storage = {root!r}: runs need a local or shared (NFS) path for now; use an absolute path")
+    root = root.removeprefix("file://")
+    return Path(root) / "runs" / f"{cfg.name}-{run_key(cfg)}"
+
+
+def batch_syn_for(cfg: PddConfig, num_classes: int, stage: int) -> int:
+    """``batch_syn``: explicit, or the stage's new images (paper default), or the whole union."""
+    d = cfg.distill
+    if d.batch_syn is not None:
+        return d.batch_syn
+    if d.batch_syn_policy == "union":
+        return num_classes * d.ipc_per_stage * stage
+    return num_classes * d.ipc_per_stage
+
+
+# ----------------------------------------------------------------------------------------------
+# stage records
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
+    """Record stage k as finished: images first, manifest last (the manifest marks completion)."""
+    d = directory / f"stage_{k}"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".stage.tmp-{uuid.uuid4().hex}.npz"
+    np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(), losses=np.array(out.losses, dtype=np.float64),
+             val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2))
+    os.replace(tmp, d / "stage.npz")
+    _write_json(d / "manifest.json", {"stage": k, "done": True, "alpha": out.alpha,
+                                      "best_val_acc": out.best_val_acc, "best_iteration": out.best_iteration})
+
+
+def load_stage(directory: Path, k: int) -> StageOutcome | None:
+    """A finished stage's record, or None when stage k has not finished."""
+    d = directory / f"stage_{k}"
+    if not (d / "manifest.json").is_file():
+        return None
+    m = json.loads((d / "manifest.json").read_text())
+    with np.load(d / "stage.npz", allow_pickle=False) as z:
+        return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
+                            float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
+                            z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# progress: workers push, a driver thread draws
+# ----------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Tiny actor the stage workers report to, so the driver can draw a live progress bar."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def update(self, **kw) -> None:
+        self.state.update(kw)
+
+    def get(self) -> dict:
+        return dict(self.state)
+
+
+def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -> None:
+    bar = tqdm(total=total, desc=desc, unit="it", disable=not enabled)
+    last = 0
+    while not stop.is_set():
+        try:
+            s = ray.get(board.get.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the bar is cosmetic; never break the run for it
+            s = {}
+        it = int(s.get("iteration", last))
+        if it > last:
+            bar.update(it - last)
+            last = it
+        post = {k: f"{v:.4g}" for k, v in s.items() if k in ("loss", "alpha", "val_acc") and v == v}
+        if post:
+            bar.set_postfix(post)
+        stop.wait(0.5)
+    bar.update(max(0, total - last))
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# one stage on Ray Train
+# ----------------------------------------------------------------------------------------------
+
+
+def run_stage(
+    cfg: PddConfig,
+    prepared: Prepared,
+    directory: Path,
+    k: int,
+    expert_key: str,
+    frozen: list[StageSet],
+    progress: bool = True,
+) -> StageOutcome:
+    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d, b = cfg.distill, prepared.bundle
+    store = TrajectoryStore(expert_store_root(cfg))
+    indices = store.indices(expert_key)
+    if not indices:
+        raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
+    init_x, init_y = random_subset(b, d.ipc_per_stage, derive_seed(cfg.seed, "stage-init", k))
+    frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
+    frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
+    fail_at = os.environ.get(FAIL_AT_ENV)
+    board = ProgressBoard.remote()
+    task = StageTask(
+        stage=k,
+        spec=prepared.spec,
+        store_root=store.root,
+        expert_key=expert_key,
+        expert_indices=indices,
+        frozen_images=frozen_x,
+        frozen_labels=frozen_y,
+        init_images=init_x,
+        new_labels=init_y,
+        val_ref=ray.put((b.val_x, b.val_y)),
+        iterations=d.iterations,
+        syn_steps=d.syn_steps,
+        expert_epochs=d.expert_epochs,
+        max_start_epoch=d.max_start_epoch,
+        lr_img=d.lr_img,
+        lr_lr=d.lr_lr,
+        lr_init=d.lr_init,
+        batch_syn=batch_syn_for(cfg, b.num_classes, k),
+        eval_every=d.eval_every,
+        eval_runs=d.eval_runs,
+        eval_recipe=replace(recipe_from_config(cfg.evaluation, cfg.augment.strategy), epochs=d.eval_epochs),
+        checkpoint_every=d.checkpoint_every,
+        augment=cfg.augment.strategy,
+        seed=cfg.seed,
+        use_gpu=d.use_gpu,
+        fail_at=int(fail_at) if fail_at and k == 1 else None,
+        fail_marker=str(directory / "injected_failure.marker"),
+        progress=board,
+    )
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config={"task": task},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+        run_config=RunConfig(
+            name=f"stage_{k}",
+            storage_path=str(directory / "train"),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        ray.kill(board)
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
+    s = load_state(result.checkpoint)
+    return StageOutcome(
+        images=s["best_images"].float(),
+        labels=init_y.clone(),
+        alpha=float(s["best_alpha"]),
+        best_val_acc=float(s["best_acc"]),
+        best_iteration=int(s["best_iteration"]),
+        losses=s["losses"].tolist(),
+        val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# transition: experts for stage k+1 start from models trained on S_<=k
+# ----------------------------------------------------------------------------------------------
+
+
+def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str, union: list[StageSet]) -> list[ExpertJob]:
+    """Expert j of stage k+1: expert j's start weights, trained on S_<=k with α_k, then real data."""
+    d, ev = cfg.distill, cfg.evaluation
+    store = TrajectoryStore(expert_store_root(cfg))
+    prev = store.indices(prev_key)
+    if d.transition_experts is not None:
+        prev = prev[: d.transition_experts]
+    alpha = union[-1].lr
+    ux = torch.cat([s.images for s in union])
+    uy = torch.cat([s.labels for s in union])
+    warm = TrainRecipe(epochs=d.transition_syn_epochs, lr=alpha, momentum=ev.momentum, weight_decay=ev.weight_decay,
+                       batch_size=ev.batch_size, lr_decay_at_half=True, augment=cfg.augment.strategy)
+    reach = matching_reach(cfg)
+    real = replace(expert_recipe(cfg), epochs=reach + 1)
+    union_digest = store_key({"images": _digest(ux), "labels": _digest(uy), "alpha": alpha})
+    key = store_key({**base_settings(cfg, prepared), "kind": "transition", "stage": k + 1, "prev": prev_key,
+                     "union": union_digest, "warmup": asdict(warm), "recipe": asdict(real)})
+    common = {**base_settings(cfg, prepared), **model_meta(prepared.spec), "optimizer": asdict(real), "stage": k + 1,
+              "warmup": asdict(warm), "prev_key": prev_key}
+    return [
+        ExpertJob(key=key, index=j, seed=derive_seed(cfg.seed, "transition", k + 1, j), recipe=real,
+                  keep_epochs=reach + 1, meta={**common, "seed": derive_seed(cfg.seed, "transition", k + 1, j),
+                                               "expert_index": j},
+                  init_from=(prev_key, j), warmup=Warmup(ux, uy, warm))
+        for j in prev
+    ]
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str, union: list[StageSet],
+                   progress: bool = True) -> str:
+    """Produce (or find) the experts of stage k+1 in parallel; returns their store key."""
+    jobs = transition_jobs(cfg, prepared, k, prev_key, union)
+    store = TrajectoryStore(expert_store_root(cfg))
+    produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, f"transition {k}->{k + 1}", progress)
+    return jobs[0].key
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillResult:
+    """Where the run lives and what it produced."""
+
+    directory: Path
+    artifact: Path
+    stages: list[StageSet]
+    outcomes: list[StageOutcome]
+    expert_keys: list[str]
+    seconds: dict[str, float]
+
+
+def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None) -> DistillResult:
+    """Run (or resume) every stage of ``cfg`` and write the artifact."""
+    directory = run_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(dump_config(cfg))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    key, _ = stage1_experts(cfg, prepared, progress=progress)
+    seconds["experts"] = time.perf_counter() - t0
+    keys = [key]
+    stages: list[StageSet] = []
+    outcomes: list[StageOutcome] = []
+    ev_epochs = cfg.evaluation.epochs_per_stage
+    for k in range(1, cfg.distill.num_stages + 1):
+        t0 = time.perf_counter()
+        out = load_stage(directory, k)
+        if out is None:
+            out = run_stage(cfg, prepared, directory, k, key, stages, progress)
+            save_stage(directory, k, out)
+        seconds[f"stage_{k}"] = time.perf_counter() - t0
+        outcomes.append(out)
+        stages.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
+        if on_stage is not None:
+            on_stage(k, out)
+        if k < cfg.distill.num_stages:
+            t0 = time.perf_counter()
+            key = run_transition(cfg, prepared, k, key, stages, progress)
+            seconds[f"transition_{k}"] = time.perf_counter() - t0
+            keys.append(key)
+    b = prepared.bundle
+    artifact = write_artifact(
+        directory / "artifact",
+        stages,
+        prepared.spec,
+        {"name": b.name, "digest": b.digest, "classes": b.class_names, "shape": list(b.shape)},
+        b.mean,
+        b.std,
+        prepared.zca,
+        recipe_from_config(cfg.evaluation, cfg.augment.strategy),
+        cfg.evaluation.carry_optimizer_state,
+        {"run_key": run_key(cfg), "expert_keys": keys, "config": cfg.model_dump(mode="json")},
+    )
+    return DistillResult(directory, artifact, stages, outcomes, keys, seconds)

@@ -1,0 +1,248 @@
+"""One PDD stage's synthetic-set optimisation: the per-worker loop run by Ray Train.
+
+Workers are trajectory-parallel: each holds the whole synthetic union, draws its own expert
+and start epoch, computes the matching gradient, and the gradients are averaged with an
+all-reduce before the (identical) optimiser step, so every worker keeps the same images.
+One worker is exactly a single process. Rank 0 alone evaluates on the validation split,
+keeps the best images, and writes checkpoints; every random draw derives from
+(seed, stage, iteration, rank), so a restart from a checkpoint continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from pdd_ray.augment import DiffAugment
+from pdd_ray.device import pick_device
+from pdd_ray.distill.mtt import match
+from pdd_ray.evaluation import StageSet, progressive_run
+from pdd_ray.experts.store import TrajectoryStore
+from pdd_ray.experts.trajectory import load_start_params
+from pdd_ray.models import FlatModel
+from pdd_ray.modelspec import ModelSpec
+from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.training import TrainRecipe
+
+STATE_FILE = "state.pt"
+
+#: α never drops below this fraction of its initial value: after every optimiser step α is
+#: projected back onto [ALPHA_FLOOR * lr_init, ∞). A negative step size would make the student
+#: ascend the loss (peers' users hit exactly this: MTT #16).
+ALPHA_FLOOR = 1e-3
+
+
+@dataclass
+class StageTask:
+    """Everything a worker needs for one stage (sent once through ``train_loop_config``)."""
+
+    stage: int
+    spec: ModelSpec
+    store_root: str
+    expert_key: str
+    expert_indices: list[int]
+    frozen_images: torch.Tensor
+    frozen_labels: torch.Tensor
+    init_images: torch.Tensor
+    new_labels: torch.Tensor
+    val_ref: Any  # ObjectRef of (val_x, val_y): shipped once per node, not per config copy
+    iterations: int
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    lr_img: float
+    lr_lr: float
+    lr_init: float
+    batch_syn: int
+    eval_every: int
+    eval_runs: int
+    eval_recipe: TrainRecipe
+    checkpoint_every: int
+    augment: str
+    seed: int
+    use_gpu: bool
+    fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
+    fail_marker: str | None = None
+    progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
+
+
+def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average tensors over all workers with one all-reduce (gloo on CPU, nccl on GPU)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    out, pos = [], 0
+    for t in tensors:
+        out.append(flat[pos : pos + t.numel()].view_as(t))
+        pos += t.numel()
+    return out
+
+
+class _Experts:
+    """Lazily opened, memory-mapped expert readers of this stage."""
+
+    def __init__(self, task: StageTask) -> None:
+        self.store = TrajectoryStore(task.store_root)
+        self.key = task.expert_key
+        self.readers: dict[int, Any] = {}
+
+    def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
+        if index not in self.readers:
+            self.readers[index] = self.store.open(self.key, index)
+        return load_start_params(self.readers[index].params_at_epoch(epoch)).to(device)
+
+
+def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, experts: _Experts) -> float:
+    """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α.
+
+    Networks start from the stage's experts' first snapshots: random inits at stage 1, models
+    already trained on S_<k later (so the in-loop check is itself progressive).
+    """
+    val_x, val_y = ray.get(task.val_ref)
+    accs = []
+    for r in range(task.eval_runs):
+        idx = task.expert_indices[r % len(task.expert_indices)]
+        init = experts.params(idx, 0, torch.device("cpu"))
+        scores = progressive_run(
+            task.spec,
+            [StageSet(union_x, union_y, lr=alpha)],
+            task.eval_recipe,
+            {"val": (val_x, val_y)},
+            derive_seed(task.seed, "stage", task.stage, "validate", r),
+            use_gpu=task.use_gpu,
+            init_params=init,
+        )
+        accs.append(scores["val"][-1])
+    return float(sum(accs) / len(accs))
+
+
+def _save_checkpoint(state: dict, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def load_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """A checkpoint's state dict; tensors only, loaded without pickle (``weights_only``)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def stage_worker(config: dict) -> None:
+    """Ray Train ``train_loop_per_worker`` for one stage."""
+    task: StageTask = config["task"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = pick_device(task.use_gpu)
+    torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
+
+    flat_model = FlatModel(task.spec.build().to(device))
+    experts = _Experts(task)
+    dsa = DiffAugment(task.augment)
+    frozen_x = task.frozen_images.to(device)
+    frozen_y = task.frozen_labels.to(device)
+    new_y = task.new_labels.to(device)
+    new_x = task.init_images.clone().to(device).requires_grad_(True)
+    alpha = torch.tensor(task.lr_init, device=device, requires_grad=True)
+    opt_img = torch.optim.SGD([new_x], lr=task.lr_img, momentum=0.5)
+    opt_lr = torch.optim.SGD([alpha], lr=task.lr_lr, momentum=0.5)
+    alpha_min = ALPHA_FLOOR * task.lr_init
+
+    start_it = 0
+    best = {"acc": -1.0, "iteration": -1, "images": new_x.detach().cpu().clone(), "alpha": float(task.lr_init)}
+    losses: list[float] = []
+    val_history: list[tuple[int, float]] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        s = load_state(checkpoint)
+        with torch.no_grad():
+            new_x.copy_(s["images"].to(device))
+            alpha.copy_(s["alpha"].to(device))
+        opt_img.load_state_dict(s["opt_img"])
+        opt_lr.load_state_dict(s["opt_lr"])
+        start_it = int(s["iteration"])
+        best = {"acc": float(s["best_acc"]), "iteration": int(s["best_iteration"]),
+                "images": s["best_images"], "alpha": float(s["best_alpha"])}
+        losses = s["losses"].tolist()
+        val_history = [(int(i), float(a)) for i, a in s["val_history"].tolist()]
+
+    def state(iteration: int, done: bool = False) -> dict:
+        return {
+            "iteration": iteration,
+            "images": new_x.detach().cpu().clone(),
+            "alpha": alpha.detach().cpu().clone(),
+            "opt_img": opt_img.state_dict(),
+            "opt_lr": opt_lr.state_dict(),
+            "best_acc": best["acc"],
+            "best_iteration": best["iteration"],
+            "best_images": best["images"],
+            "best_alpha": best["alpha"],
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "val_history": torch.tensor(val_history, dtype=torch.float64).reshape(-1, 2),
+            "done": done,
+        }
+
+    val_acc = float("nan")
+    for it in range(start_it, task.iterations + 1):
+        if it % task.eval_every == 0 or it == task.iterations:
+            if rank == 0:
+                union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
+                union_y = torch.cat([task.frozen_labels, task.new_labels])
+                val_acc = validate(task, union_x, union_y, float(alpha), experts)
+                val_history.append((it, val_acc))
+                if task.progress is not None:
+                    task.progress.update.remote(val_acc=val_acc)
+                if val_acc > best["acc"]:
+                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": float(alpha)}
+        if it == task.iterations:
+            break
+        if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
+            if not os.path.exists(task.fail_marker):
+                Path(task.fail_marker).write_text(str(it))
+                raise RuntimeError(f"injected failure at iteration {it}")
+
+        g = generator(derive_seed(task.seed, "stage", task.stage, "iter", it, "rank", rank))
+        pick = task.expert_indices[int(torch.randint(len(task.expert_indices), (1,), generator=g))]
+        t = int(torch.randint(task.max_start_epoch, (1,), generator=g))
+        start = experts.params(pick, t, device)
+        target = experts.params(pick, t + task.expert_epochs, device)
+        res = match(flat_model, start, target, frozen_x, frozen_y, new_x, new_y, alpha,
+                    task.syn_steps, task.batch_syn, dsa, g)
+        grad_x, grad_a, loss_t = _all_average(
+            [res.grad_images, res.grad_alpha.reshape(1), torch.tensor([res.loss], device=device)]
+        )
+        new_x.grad = grad_x.contiguous()
+        alpha.grad = grad_a.reshape(())
+        opt_img.step()
+        opt_lr.step()
+        with torch.no_grad():
+            alpha.clamp_(min=alpha_min)
+        losses.append(float(loss_t))
+        if rank == 0 and task.progress is not None:
+            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=float(alpha))
+
+        done_it = it + 1
+        if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
+            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": float(alpha),
+                       "grad_norm": float(grad_x.norm()), "val_acc": val_acc, "best_val_acc": best["acc"]}
+            if rank == 0:
+                _save_checkpoint(state(done_it), metrics)
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
+    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": float(alpha),
+             "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": best["acc"]}
+    if rank == 0:
+        _save_checkpoint(state(task.iterations, done=True), final)
+    else:
+        ray.train.report(final, checkpoint=None)

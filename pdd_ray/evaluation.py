@@ -1,0 +1,248 @@
+"""Progressive evaluation: train on S_1, then S_1 ∪ S_2, ... and report accuracy after each stage.
+
+The same harness produces the baselines (a random real subset at the same images per class,
+and the full training set), so every number in a pdd_ray table comes from one recipe. Runs
+are independent seeds (independent initialisations, unlike the official code, which gave all
+five evaluation networks the same weights) and run in parallel as Ray tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from pdd_ray.config import EvalConfig
+from pdd_ray.data.bundle import DatasetBundle
+from pdd_ray.device import pick_device
+from pdd_ray.modelspec import ModelSpec, build_seeded
+from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.training import TrainRecipe, accuracy, train
+
+
+@dataclass
+class StageSet:
+    """The images a stage adds, their labels and the learning rate used to train on the union."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    epochs: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass
+class EvalResult:
+    """Accuracy per run and stage, for every evaluation split (e.g. ``val`` and ``test``)."""
+
+    name: str
+    arch: str
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (runs, stages)
+
+    def mean(self, split: str = "test") -> np.ndarray:
+        return self.scores[split].mean(axis=0)
+
+    def std(self, split: str = "test") -> np.ndarray:
+        # population std over runs, as the paper reports it
+        return self.scores[split].std(axis=0)
+
+    @property
+    def final(self) -> tuple[float, float]:
+        """(mean, std) test accuracy after the last stage, in percent."""
+        return float(self.mean()[-1] * 100), float(self.std()[-1] * 100)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "scores": {k: v.tolist() for k, v in self.scores.items()},
+        }
+
+
+def recipe_from_config(cfg: EvalConfig, augment: str) -> TrainRecipe:
+    """The evaluation recipe; ``lr`` and ``epochs`` are overridden per stage."""
+    return TrainRecipe(
+        epochs=cfg.epochs_per_stage,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        lr_decay_at_half=cfg.lr_decay_at_half,
+        augment=augment if cfg.augment else "none",
+    )
+
+
+def progressive_run(
+    spec: ModelSpec,
+    stages: list[StageSet],
+    recipe: TrainRecipe,
+    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    carry_optimizer_state: bool = True,
+    use_gpu: bool = False,
+    init_params: torch.Tensor | None = None,
+) -> dict[str, list[float]]:
+    """One evaluation run in this process: accuracy on each eval split after each stage.
+
+    Stage k trains on the union of stages 1..k with stage k's lr (``StageSet.lr``), continuing
+    the same network; with ``carry_optimizer_state`` the SGD momentum buffers carry over too,
+    as in the paper's final evaluation. ``init_params`` (a flat vector) starts from given
+    weights instead of a fresh initialisation.
+    """
+    from pdd_ray.models import FlatModel
+
+    device = pick_device(use_gpu)
+    model = build_seeded(spec, derive_seed(seed, "init")).to(device)
+    if init_params is not None:
+        FlatModel(model).load_flat(init_params.to(device))
+    g = generator(derive_seed(seed, "data"))
+    optimizer = None
+    scores: dict[str, list[float]] = {name: [] for name in eval_sets}
+    union_x: list[torch.Tensor] = []
+    union_y: list[torch.Tensor] = []
+    for stage in stages:
+        union_x.append(stage.images.detach().cpu())
+        union_y.append(stage.labels.detach().cpu())
+        stage_recipe = replace(
+            recipe,
+            lr=stage.lr,
+            epochs=stage.epochs or recipe.epochs,
+            batch_size=stage.batch_size or recipe.batch_size,
+        )
+        optimizer = train(
+            model,
+            torch.cat(union_x),
+            torch.cat(union_y),
+            stage_recipe,
+            g,
+            optimizer=optimizer if carry_optimizer_state else None,
+        )
+        for name, (x, y) in eval_sets.items():
+            scores[name].append(accuracy(model, x, y))
+    return scores
+
+
+_progressive_task = ray.remote(progressive_run)
+
+
+def evaluate_progressive(
+    name: str,
+    spec: ModelSpec,
+    stages: list[StageSet],
+    recipe: TrainRecipe,
+    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    runs: int,
+    seed: int,
+    carry_optimizer_state: bool = True,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
+    progress: bool = True,
+) -> EvalResult:
+    """``runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
+    eval_ref = ray.put(eval_sets)
+    stages_ref = ray.put(stages)
+    task = _progressive_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
+    pending = [
+        task.remote(
+            spec,
+            stages_ref,
+            recipe,
+            eval_ref,
+            derive_seed(seed, "eval-run", r),
+            carry_optimizer_state,
+            gpus_per_run > 0,
+        )
+        for r in range(runs)
+    ]
+    order = {ref: r for r, ref in enumerate(pending)}
+    results: dict[int, dict[str, list[float]]] = {}
+    bar = tqdm(total=runs, desc=f"evaluate {name} [{spec.arch}]", unit="run", disable=not progress, leave=False)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            res = ray.get(ref)
+            results[order[ref]] = res
+            bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
+            bar.update(1)
+    bar.close()
+    splits = list(eval_sets)
+    scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in splits}
+    return EvalResult(name=name, arch=spec.arch, scores=scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def random_subset(bundle: DatasetBundle, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` random real training images per class, class-major order."""
+    g = generator(derive_seed(seed, "random-subset", ipc))
+    xs, ys = [], []
+    for c in range(bundle.num_classes):
+        idx = torch.nonzero(bundle.train_y == c).flatten()
+        if idx.numel() == 0:
+            continue
+        pick = idx[torch.randperm(idx.numel(), generator=g)[:ipc]]
+        xs.append(bundle.train_x[pick])
+        ys.append(bundle.train_y[pick])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def eval_sets_of(bundle: DatasetBundle) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The splits every evaluation reports: validation (for choosing) and test (for reporting)."""
+    return {"val": (bundle.val_x, bundle.val_y), "test": (bundle.test_x, bundle.test_y)}
+
+
+def evaluate_random_baseline(
+    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True
+) -> EvalResult:
+    """A fresh random real subset per run would mix two sources of variance; like the
+    paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it."""
+    x, y = random_subset(bundle, ipc, seed)
+    stage = StageSet(x, y, lr=cfg.lr)
+    return evaluate_progressive(
+        f"random ipc{ipc}",
+        spec,
+        [stage],
+        recipe_from_config(cfg, augment),
+        eval_sets_of(bundle),
+        cfg.runs,
+        seed,
+        cpus_per_run=cfg.cpus_per_run,
+        gpus_per_run=cfg.gpus_per_run,
+        progress=progress,
+    )
+
+
+def evaluate_full_baseline(
+    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, seed: int, progress: bool = True
+) -> EvalResult:
+    """The whole training set, ``cfg.full_epochs`` epochs of minibatch SGD: the ceiling."""
+    stage = StageSet(bundle.train_x, bundle.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
+    return evaluate_progressive(
+        "full data",
+        spec,
+        [stage],
+        recipe_from_config(cfg, augment),
+        eval_sets_of(bundle),
+        cfg.runs,
+        seed,
+        cpus_per_run=cfg.cpus_per_run,
+        gpus_per_run=cfg.gpus_per_run,
+        progress=progress,
+    )
+
+
+def format_table(rows: list[tuple[str, str, float, float]], title: str = "test accuracy") -> str:
+    """A small aligned table: (method, detail, mean %, std %) per row."""
+    header = ("method", "setting", title)
+    body = [(m, d, f"{mu:5.2f} ± {sd:4.2f}") for m, d, mu, sd in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(3)]
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), "-+-".join("-" * w for w in widths)]
+    out += [fmt.format(*r) for r in body]
+    return "\n".join(out)

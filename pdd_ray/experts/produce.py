@@ -1,0 +1,238 @@
+"""Producing expert trajectories in parallel on Ray actors, resumably.
+
+Every peer trains its experts one after another and pickles lists of ten; here each expert is
+one job for a pool of actors, each job writes its own Arrow file atomically, and re-running
+skips the files that already exist, so a killed run loses at most the experts in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import ray
+import torch
+from ray.util import ActorPool
+from tqdm.auto import tqdm
+
+from pdd_ray.config import PddConfig
+from pdd_ray.errors import PddError
+from pdd_ray.experts.store import TrajectoryStore, store_key
+from pdd_ray.experts.trajectory import Warmup, load_start_params, record_trajectory
+from pdd_ray.models import FlatModel
+from pdd_ray.modelspec import ModelSpec
+from pdd_ray.prepare import Prepared
+from pdd_ray.seeding import derive_seed
+from pdd_ray.training import TrainRecipe
+
+
+@dataclass
+class ExpertJob:
+    """One trajectory to produce: where it goes, how it is trained, where it starts."""
+
+    key: str
+    index: int
+    seed: int
+    recipe: TrainRecipe
+    keep_epochs: int
+    meta: dict
+    init_from: tuple[str, int] | None = None  # (store key, expert index): start from its row 0
+    warmup: Warmup | None = None
+
+
+def expert_recipe(cfg: PddConfig) -> TrainRecipe:
+    """The real-data recipe of every expert: constant-lr SGD with DSA (pdd-reference §4)."""
+    e = cfg.experts
+    return TrainRecipe(
+        epochs=e.epochs,
+        lr=e.lr,
+        momentum=e.momentum,
+        weight_decay=e.weight_decay,
+        batch_size=e.batch_size,
+        lr_decay_at_half=False,
+        augment=cfg.augment.strategy,
+    )
+
+
+def matching_reach(cfg: PddConfig) -> int:
+    """Last epoch index trajectory matching can touch: start < max_start_epoch, + expert_epochs."""
+    return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+
+
+def base_settings(cfg: PddConfig, prepared: Prepared) -> dict:
+    """Everything (besides the recipe) that determines a trajectory: part of every store key."""
+    b = prepared.bundle
+    return {
+        "dataset": b.name,
+        "dataset_digest": b.digest,
+        "split": {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed},
+        "zca_digest": prepared.zca.digest if prepared.zca is not None else None,
+        "model": prepared.spec.to_dict(),
+        "seed": cfg.seed,
+    }
+
+
+def kept_epochs(cfg: PddConfig) -> int:
+    """Last epoch stored per expert: all of them, or only what matching can reach (MTT #4)."""
+    return cfg.experts.epochs if cfg.experts.keep_all_epochs else matching_reach(cfg)
+
+
+def stage1_key(cfg: PddConfig, prepared: Prepared) -> str:
+    """Store key of the stage-1 experts (random init, real data)."""
+    settings = {**base_settings(cfg, prepared), "recipe": asdict(expert_recipe(cfg)), "keep_epochs": kept_epochs(cfg)}
+    return store_key({**settings, "kind": "stage1"})
+
+
+def model_meta(spec: ModelSpec) -> dict:
+    """Parameter names and shapes, so a reader can check it rebuilds the same network."""
+    flat = FlatModel(spec.build())
+    return {
+        "model": spec.to_dict(),
+        "param_names": list(flat.names),
+        "param_shapes": [list(s) for s in flat.shapes],
+        "param_count": int(flat.numel),
+    }
+
+
+def stage1_jobs(cfg: PddConfig, prepared: Prepared) -> list[ExpertJob]:
+    """The stage-1 expert jobs of ``cfg``; each expert's seed derives from (seed, index)."""
+    key = stage1_key(cfg, prepared)
+    recipe = expert_recipe(cfg)
+    keep = kept_epochs(cfg)
+    common = {**base_settings(cfg, prepared), **model_meta(prepared.spec), "optimizer": asdict(recipe), "stage": 1}
+    return [
+        ExpertJob(
+            key=key,
+            index=j,
+            seed=derive_seed(cfg.seed, "expert", j),
+            recipe=recipe,
+            keep_epochs=keep,
+            meta={**common, "seed": derive_seed(cfg.seed, "expert", j), "expert_index": j},
+        )
+        for j in range(cfg.experts.num_experts)
+    ]
+
+
+def expected_meta(job: ExpertJob) -> dict:
+    """Fields a stored file must share with the job to be reused."""
+    return {k: job.meta[k] for k in ("dataset_digest", "param_count", "model", "seed") if k in job.meta}
+
+
+@ray.remote
+class ExpertWorker:
+    """Holds one copy of the real data and trains experts on it, one job at a time."""
+
+    def __init__(self, data: dict, spec: ModelSpec, store_root: str, use_gpu: bool, threads: int = 1) -> None:
+        # CPU kernels reduce in a thread-count-dependent order; pinning the count to the CPUs
+        # requested makes a trajectory bit-identical wherever (and however parallel) it is made.
+        torch.set_num_threads(threads)
+        self.data = data
+        self.spec = spec
+        self.store = TrajectoryStore(store_root)
+        self.use_gpu = use_gpu
+
+    def run(self, job: ExpertJob) -> dict:
+        init = None
+        if job.init_from is not None:
+            with self.store.open(*job.init_from) as reader:
+                init = load_start_params(reader.params(0))
+        traj = record_trajectory(
+            self.spec,
+            self.data["train_x"],
+            self.data["train_y"],
+            self.data["val_x"],
+            self.data["val_y"],
+            job.recipe,
+            job.seed,
+            job.keep_epochs,
+            init_params=init,
+            warmup=job.warmup,
+            use_gpu=self.use_gpu,
+        )
+        meta = {
+            **job.meta,
+            "epochs": traj.epochs,
+            "val_acc": traj.val_acc,
+            "final_train_acc": traj.final_train_acc,
+            "final_val_acc": traj.final_val_acc,
+        }
+        self.store.write(job.key, job.index, traj.params, meta, epochs=traj.epochs)
+        return {"index": job.index, "final_val_acc": traj.final_val_acc, "final_train_acc": traj.final_train_acc}
+
+
+def missing_jobs(store: TrajectoryStore, jobs: list[ExpertJob]) -> list[ExpertJob]:
+    """Jobs whose file is absent. A present file with other settings is an error, not a reuse."""
+    todo = []
+    for job in jobs:
+        if store.exists(job.key, job.index):
+            store.open(job.key, job.index, expect=expected_meta(job)).close()
+        else:
+            todo.append(job)
+    return todo
+
+
+def produce(
+    store: TrajectoryStore,
+    jobs: list[ExpertJob],
+    prepared: Prepared,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    desc: str = "experts",
+    progress: bool = True,
+    on_done=None,
+) -> list[dict]:
+    """Run the missing ``jobs`` on a pool of actors; returns one summary per job run now.
+
+    The pool size follows from the cluster's free resources and the per-expert request
+    (``cpus``/``gpus``, fractional GPUs let several small experts share a device).
+    """
+    for key in {j.key for j in jobs}:
+        store.clean_temp(key)
+    todo = missing_jobs(store, jobs)
+    if not todo:
+        return []
+    avail = ray.available_resources()
+    by_cpu = int(avail.get("CPU", 1) // cpus) if cpus > 0 else len(todo)
+    by_gpu = int(avail.get("GPU", 0) // gpus) if gpus > 0 else len(todo)
+    size = max(1, min(len(todo), by_cpu, by_gpu))
+    if gpus > 0 and by_gpu < 1:
+        raise PddError(f"experts.gpus = {gpus} but the cluster has {avail.get('GPU', 0)} free GPUs")
+    b = prepared.bundle
+    data_ref = ray.put({"train_x": b.train_x, "train_y": b.train_y, "val_x": b.val_x, "val_y": b.val_y})
+    actors = [
+        ExpertWorker.options(num_cpus=cpus, num_gpus=gpus).remote(
+            data_ref, prepared.spec, store.root, gpus > 0, max(1, int(cpus))
+        )
+        for _ in range(size)
+    ]
+    pool = ActorPool(actors)
+    summaries = []
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="expert", disable=not progress)
+    try:
+        for summary in pool.map_unordered(lambda a, job: a.run.remote(job), todo):
+            summaries.append(summary)
+            bar.set_postfix(val_acc=f"{summary['final_val_acc'] * 100:.1f}%")
+            bar.update(1)
+            if on_done is not None:
+                on_done(summary)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return sorted(summaries, key=lambda s: s["index"])
+
+
+def stage1_experts(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_done=None) -> tuple[str, list[dict]]:
+    """Make sure every stage-1 expert of ``cfg`` exists in its store; returns (key, new summaries)."""
+    store = TrajectoryStore(expert_store_root(cfg))
+    jobs = stage1_jobs(cfg, prepared)
+    summaries = produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, "experts", progress, on_done)
+    return jobs[0].key, summaries
+
+
+def expert_store_root(cfg: PddConfig) -> str:
+    """``experts.storage`` or ``<storage>/experts``: shared by every run with the same settings."""
+    if cfg.experts.storage:
+        from pdd_ray.config import absolute_storage
+
+        return absolute_storage(cfg.experts.storage)
+    return f"{cfg.storage_root}/experts"

@@ -1,0 +1,128 @@
+"""The main job, end to end: config -> data -> experts -> stages -> evaluation -> results.
+
+Thin on purpose: every step lives in its own module; this one only sequences them and
+writes ``results.json`` beside the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdd_ray.config import PddConfig
+from pdd_ray.distill.driver import DistillResult, distill
+from pdd_ray.evaluation import (
+    EvalResult,
+    evaluate_full_baseline,
+    evaluate_progressive,
+    evaluate_random_baseline,
+    eval_sets_of,
+    format_table,
+    recipe_from_config,
+)
+from pdd_ray.prepare import Prepared, prepare
+from pdd_ray.runtime import ensure_ray
+
+
+@dataclass
+class RunReport:
+    """Everything `pdd-ray run` prints and saves."""
+
+    distilled: DistillResult
+    pdd: dict[str, EvalResult]  # arch -> per-stage result
+    random: EvalResult
+    full: EvalResult
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str, float, float]]:
+        """Table rows: random subset, PDD after each stage (per arch), full data."""
+        cfg_ipc = self.random.name.removeprefix("random ipc")
+        rows = [("random subset", f"ipc {cfg_ipc}", *self.random.final)]
+        ipc = self.distilled.stages[0].images.shape[0]
+        n_classes = len(set(self.distilled.stages[0].labels.tolist()))
+        per_stage = ipc // max(1, n_classes)
+        for arch, res in self.pdd.items():
+            means, stds = res.mean() * 100, res.std() * 100
+            for k in range(len(means)):
+                rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]"),
+                             f"ipc {per_stage * (k + 1)}", float(means[k]), float(stds[k])))
+        rows.append(("full data", "all images", *self.full.final))
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "run_dir": str(self.distilled.directory),
+            "artifact": str(self.distilled.artifact),
+            "stages": [
+                {"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc, "best_iteration": o.best_iteration}
+                for k, o in enumerate(self.distilled.outcomes)
+            ],
+            "pdd": {a: r.to_dict() for a, r in self.pdd.items()},
+            "random": self.random.to_dict(),
+            "full": self.full.to_dict(),
+            "seconds": self.seconds,
+            "table": [{"method": m, "setting": s, "mean": mu, "std": sd} for m, s, mu, sd in self.rows()],
+        }
+
+
+def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult, progress: bool) -> dict[str, EvalResult]:
+    """Progressive evaluation of the distilled stages on every configured architecture."""
+    out = {}
+    recipe = recipe_from_config(cfg.evaluation, cfg.augment.strategy)
+    for arch in cfg.evaluation.archs:
+        out[arch] = evaluate_progressive(
+            "PDD",
+            prepared.spec.with_arch(arch),
+            result.stages,
+            recipe,
+            eval_sets_of(prepared.bundle),
+            cfg.evaluation.runs,
+            cfg.seed,
+            carry_optimizer_state=cfg.evaluation.carry_optimizer_state,
+            cpus_per_run=cfg.evaluation.cpus_per_run,
+            gpus_per_run=cfg.evaluation.gpus_per_run,
+            progress=progress,
+        )
+    return out
+
+
+def run(cfg: PddConfig, progress: bool = True, tracker=None) -> RunReport:
+    """Distill (or resume) and evaluate; returns the report and writes ``results.json``."""
+    t_start = time.perf_counter()
+    prepared = prepare(cfg)
+    ensure_ray()
+    result = distill(cfg, prepared, progress=progress, on_stage=None if tracker is None else tracker.on_stage)
+    seconds = dict(result.seconds)
+    t0 = time.perf_counter()
+    pdd = evaluate_distilled(cfg, prepared, result, progress)
+    seconds["evaluation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
+    random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress)
+    full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
+    seconds["baselines"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    report = RunReport(result, pdd, random, full, seconds)
+    path = result.directory / "results.json"
+    tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    os.replace(tmp, path)
+    if tracker is not None:
+        tracker.on_report(report)
+    return report
+
+
+def print_report(cfg: PddConfig, report: RunReport) -> None:
+    """The table users look at first, plus where everything was written."""
+    print()
+    print(f"{cfg.name}: {cfg.data.dataset}, {cfg.distill.num_stages} stages x {cfg.distill.ipc_per_stage} images "
+          f"per class, {cfg.evaluation.runs} evaluation runs (mean ± std test accuracy, %)")
+    print(format_table(report.rows()))
+    print()
+    print(f"artifact: {report.distilled.artifact}  (grids: grid_stage_*.png)")
+    print(f"results:  {Path(report.distilled.directory) / 'results.json'}")
+    print(f"time:     {report.seconds.get('total', 0):.0f} s")

@@ -1,0 +1,61 @@
+"""config -> data: load the dataset, whiten it if asked, and describe the network for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pdd_ray.config import PddConfig
+from pdd_ray.data import ZCA, load_dataset
+from pdd_ray.data.bundle import DatasetBundle
+from pdd_ray.models import check_model_fits
+from pdd_ray.modelspec import ModelSpec
+
+
+@dataclass
+class Prepared:
+    """The data in the space models are trained in (ZCA space when ZCA is on)."""
+
+    bundle: DatasetBundle
+    zca: ZCA | None
+    spec: ModelSpec
+
+
+def prepare(cfg: PddConfig) -> Prepared:
+    """Load ``cfg.data`` and build the ``ModelSpec`` for ``cfg.model`` on it.
+
+    With ZCA, pixels are *not* mean/std normalised first (as in MTT): the whitening is fitted
+    once on the training split and applied to every split. The split seed is fixed by
+    ``data.split_seed`` rather than the run seed, so runs with different seeds share experts.
+    """
+    d = cfg.data
+    bundle = load_dataset(
+        d.dataset,
+        d.root,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        download=d.download,
+        test_fraction=d.test_fraction,
+        normalize=not d.zca,
+        image_size=d.image_size,
+    )
+    check_model_fits(cfg.model.arch, bundle.image_size, cfg.model.depth)
+    zca = None
+    if d.zca:
+        zca = ZCA.fit(bundle.train_x, eps=d.zca_eps)
+        bundle = replace(
+            bundle,
+            train_x=zca.apply(bundle.train_x),
+            val_x=zca.apply(bundle.val_x),
+            test_x=zca.apply(bundle.test_x),
+        )
+    spec = ModelSpec(
+        arch=cfg.model.arch,
+        channels=bundle.channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        norm=cfg.model.norm,
+        pooling=cfg.model.pooling,
+    )
+    return Prepared(bundle=bundle, zca=zca, spec=spec)
