@@ -140,6 +140,7 @@ class DistillConfig(_Section):
     eval_epochs: int = Field(300, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0)
     transition_syn_epochs: int = Field(300, ge=0)

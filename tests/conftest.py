@@ -16,7 +16,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -40,6 +40,7 @@ def tiny_overrides(storage: str) -> list[str]:
         "distill.eval_runs=1",
         "distill.eval_epochs=5",
         "distill.checkpoint_every=2",
+        "distill.cpus_per_worker=1",
         "distill.transition_syn_epochs=3",
         "evaluation.runs=2",
         "evaluation.epochs_per_stage=5",

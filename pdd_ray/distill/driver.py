@@ -173,6 +173,16 @@ def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
+    """Refuse a CPU worker layout the cluster can never schedule (Ray would wait forever)."""
+    total = ray.cluster_resources().get("CPU", 0)
+    if not use_gpu and workers * cpus > total:
+        raise PddError(
+            f"distill.num_workers x distill.cpus_per_worker = {workers} x {cpus} CPUs, but the Ray cluster has "
+            f"{total:g} CPUs; lower one of them"
+        )
+
+
 def run_stage(
     cfg: PddConfig,
     prepared: Prepared,
@@ -187,6 +197,7 @@ def run_stage(
     from ray.train.torch import TorchTrainer
 
     d, b = cfg.distill, prepared.bundle
+    _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
     store = TrajectoryStore(expert_store_root(cfg))
     indices = store.indices(expert_key)
     if not indices:
@@ -222,6 +233,7 @@ def run_stage(
         augment=cfg.augment.strategy,
         seed=cfg.seed,
         use_gpu=d.use_gpu,
+        threads=d.cpus_per_worker,
         fail_at=int(fail_at) if fail_at and k == 1 else None,
         fail_marker=str(directory / "injected_failure.marker"),
         progress=board,
@@ -229,7 +241,9 @@ def run_stage(
     trainer = TorchTrainer(
         stage_worker,
         train_loop_config={"task": task},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=f"stage_{k}",
             storage_path=str(directory / "train"),

@@ -69,6 +69,7 @@ class StageTask:
     augment: str
     seed: int
     use_gpu: bool
+    threads: int = 1
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
@@ -144,6 +145,7 @@ def stage_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = pick_device(task.use_gpu)
+    torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
     torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
 
     flat_model = FlatModel(task.spec.build().to(device))
@@ -198,12 +200,12 @@ def stage_worker(config: dict) -> None:
             if rank == 0:
                 union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
                 union_y = torch.cat([task.frozen_labels, task.new_labels])
-                val_acc = validate(task, union_x, union_y, float(alpha), experts)
+                val_acc = validate(task, union_x, union_y, float(alpha.detach()), experts)
                 val_history.append((it, val_acc))
                 if task.progress is not None:
                     task.progress.update.remote(val_acc=val_acc)
                 if val_acc > best["acc"]:
-                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": float(alpha)}
+                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": float(alpha.detach())}
         if it == task.iterations:
             break
         if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
@@ -229,18 +231,18 @@ def stage_worker(config: dict) -> None:
             alpha.clamp_(min=alpha_min)
         losses.append(float(loss_t))
         if rank == 0 and task.progress is not None:
-            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=float(alpha))
+            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=float(alpha.detach()))
 
         done_it = it + 1
         if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
-            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": float(alpha),
+            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": float(alpha.detach()),
                        "grad_norm": float(grad_x.norm()), "val_acc": val_acc, "best_val_acc": best["acc"]}
             if rank == 0:
                 _save_checkpoint(state(done_it), metrics)
             else:
                 ray.train.report(metrics, checkpoint=None)
 
-    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": float(alpha),
+    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": float(alpha.detach()),
              "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": best["acc"]}
     if rank == 0:
         _save_checkpoint(state(task.iterations, done=True), final)
