@@ -124,6 +124,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pdd_ray.sweep import load_sweep, run_sweep
+
+    run_sweep(load_sweep(args.sweep, args.overrides), progress=not args.no_progress)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pdd_ray.ui import serve
+
+    return serve(args.storage, port=args.port, experiment=args.experiment)
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="Ray Tune sweep over stage counts x images per class (default: configs/sweep_digits.yaml)",
+        description="Run a Ray Tune search over num_stages x ipc_per_stage (grid, or fixed total IPC), with "
+        "an ASHA scheduler that uses the stage index as time; prints the results table and writes the best "
+        "config as YAML.",
+    )
+    p.add_argument("sweep", nargs="?", default="sweep_digits", help="sweep preset or YAML file")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="overrides of the sweep's keys")
+    p.add_argument("--no-progress", action="store_true", help="quieter Tune output")
+    p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser(
+        "ui",
+        help="browse a run's results in the MLflow UI (127.0.0.1)",
+        description="Start an MLflow server on the run's sqlite store, bound to 127.0.0.1, print the URL of the "
+        "runs page, and stop on Ctrl-C.",
+    )
+    p.add_argument("storage", nargs="?", default="outputs/digits", help="the run's storage folder (holds mlflow.db)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--experiment", default="pdd_ray", help="experiment to open")
+    p.set_defaults(handler=cmd_ui)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -144,7 +144,9 @@ def evaluate_progressive(
     """``runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
     eval_ref = ray.put(eval_sets)
     stages_ref = ray.put(stages)
-    task = _progressive_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
+    # "DEFAULT": run on the cluster's free resources even when called from inside a Tune trial
+    # (whose placement group would otherwise capture these tasks and could never fit them)
+    task = _progressive_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, scheduling_strategy="DEFAULT")
     pending = [
         task.remote(
             spec,

@@ -34,14 +34,15 @@ class RunReport:
 
     distilled: DistillResult
     pdd: dict[str, EvalResult]  # arch -> per-stage result
-    random: EvalResult
-    full: EvalResult
+    random: EvalResult | None  # None when baselines were skipped (sweep trials)
+    full: EvalResult | None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str, float, float]]:
         """Table rows: random subset, PDD after each stage (per arch), full data."""
-        cfg_ipc = self.random.name.removeprefix("random ipc")
-        rows = [("random subset", f"ipc {cfg_ipc}", *self.random.final)]
+        rows = []
+        if self.random is not None:
+            rows.append(("random subset", f"ipc {self.random.name.removeprefix('random ipc')}", *self.random.final))
         ipc = self.distilled.stages[0].images.shape[0]
         n_classes = len(set(self.distilled.stages[0].labels.tolist()))
         per_stage = ipc // max(1, n_classes)
@@ -50,7 +51,8 @@ class RunReport:
             for k in range(len(means)):
                 rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]"),
                              f"ipc {per_stage * (k + 1)}", float(means[k]), float(stds[k])))
-        rows.append(("full data", "all images", *self.full.final))
+        if self.full is not None:
+            rows.append(("full data", "all images", *self.full.final))
         return rows
 
     def to_dict(self) -> dict:
@@ -62,8 +64,8 @@ class RunReport:
                 for k, o in enumerate(self.distilled.outcomes)
             ],
             "pdd": {a: r.to_dict() for a, r in self.pdd.items()},
-            "random": self.random.to_dict(),
-            "full": self.full.to_dict(),
+            "random": self.random.to_dict() if self.random is not None else None,
+            "full": self.full.to_dict() if self.full is not None else None,
             "seconds": self.seconds,
             "table": [{"method": m, "setting": s, "mean": mu, "std": sd} for m, s, mu, sd in self.rows()],
         }
@@ -90,29 +92,53 @@ def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult
     return out
 
 
-def run(cfg: PddConfig, progress: bool = True, tracker=None) -> RunReport:
-    """Distill (or resume) and evaluate; returns the report and writes ``results.json``."""
-    t_start = time.perf_counter()
+def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None, run_name: str | None = None,
+        on_stage=None, baselines: bool = True) -> RunReport:
+    """Distill (or resume) and evaluate; returns the report and writes ``results.json``.
+
+    With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
+    when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.
+    """
     prepared = prepare(cfg)
     ensure_ray()
-    result = distill(cfg, prepared, progress=progress, on_stage=None if tracker is None else tracker.on_stage)
+    tracker = None
+    if cfg.tracking.enabled:
+        from pdd_ray.tracking import RunTracker
+
+        tracker = RunTracker(cfg, parent_id=parent_run_id, run_name=run_name)
+        tracker.log_dataset(prepared.bundle)
+    try:
+        report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.on_report(report)
+        tracker.finish("FINISHED")
+    return report
+
+
+def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, baselines: bool) -> RunReport:
+    t_start = time.perf_counter()
+    result = distill(cfg, prepared, progress=progress, on_stage=on_stage, tracker=tracker)
     seconds = dict(result.seconds)
     t0 = time.perf_counter()
     pdd = evaluate_distilled(cfg, prepared, result, progress)
     seconds["evaluation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
-    random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress)
-    full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
-    seconds["baselines"] = time.perf_counter() - t0
+    random = full = None
+    if baselines:
+        t0 = time.perf_counter()
+        ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
+        random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress)
+        full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
+        seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     report = RunReport(result, pdd, random, full, seconds)
     path = result.directory / "results.json"
     tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(report.to_dict(), indent=2))
     os.replace(tmp, path)
-    if tracker is not None:
-        tracker.on_report(report)
     return report
 
 

@@ -78,15 +78,15 @@ def to_pixels(images: torch.Tensor, mean, std, zca: ZCA | None) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def save_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, min_cell: int = 32) -> None:
-    """A PNG grid, one row per class; tiny images are upscaled (nearest) so they can be seen."""
+def grid_array(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, min_cell: int = 32) -> np.ndarray:
+    """An HxWx3 uint8 grid, one row per class; tiny images are upscaled (nearest) to be seen."""
     n, c, h, w = pixels.shape
     per_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
     cols = max(1, max(len(i) for i in per_class))
     scale = max(1, min_cell // h)
     pad = 1
     cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = np.ones((num_classes * cell_h + pad, cols * cell_w + pad, 3), dtype=np.uint8) * 255
+    canvas = np.full((num_classes * cell_h + pad, cols * cell_w + pad, 3), 255, dtype=np.uint8)
     arr = (pixels.numpy() * 255).round().astype(np.uint8)
     for k, idx in enumerate(per_class):
         for j, i in enumerate(idx.tolist()):
@@ -96,8 +96,13 @@ def save_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, path
             img = np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8))
             y0, x0 = pad + k * cell_h, pad + j * cell_w
             canvas[y0 : y0 + h * scale, x0 : x0 + w * scale] = img
+    return canvas
+
+
+def save_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path) -> None:
+    """Write :func:`grid_array` as a PNG (atomically)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.png")
-    Image.fromarray(canvas).save(tmp, format="PNG")
+    Image.fromarray(grid_array(pixels, labels, num_classes)).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

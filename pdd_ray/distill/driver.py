@@ -191,6 +191,7 @@ def run_stage(
     expert_key: str,
     frozen: list[StageSet],
     progress: bool = True,
+    log_target=None,
 ) -> StageOutcome:
     """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -206,7 +207,7 @@ def run_stage(
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
     fail_at = os.environ.get(FAIL_AT_ENV)
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     task = StageTask(
         stage=k,
         spec=prepared.spec,
@@ -237,6 +238,7 @@ def run_stage(
         fail_at=int(fail_at) if fail_at and k == 1 else None,
         fail_marker=str(directory / "injected_failure.marker"),
         progress=board,
+        log_target=log_target,
     )
     trainer = TorchTrainer(
         stage_worker,
@@ -341,8 +343,12 @@ class DistillResult:
     seconds: dict[str, float]
 
 
-def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None) -> DistillResult:
-    """Run (or resume) every stage of ``cfg`` and write the artifact."""
+def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None, tracker=None) -> DistillResult:
+    """Run (or resume) every stage of ``cfg`` and write the artifact.
+
+    ``on_stage(k, outcome)`` runs after each stage (a Tune trial reports there); ``tracker`` (a
+    :class:`pdd_ray.tracking.RunTracker`) gets a child run per stage.
+    """
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_config(cfg))
@@ -356,11 +362,17 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
     ev_epochs = cfg.evaluation.epochs_per_stage
     for k in range(1, cfg.distill.num_stages + 1):
         t0 = time.perf_counter()
+        target = tracker.stage_target(k, prepared) if tracker is not None else None
+        if tracker is not None:
+            tracker.log_experts(key, k)
         out = load_stage(directory, k)
+        from_record = out is not None
         if out is None:
-            out = run_stage(cfg, prepared, directory, k, key, stages, progress)
+            out = run_stage(cfg, prepared, directory, k, key, stages, progress, log_target=target)
             save_stage(directory, k, out)
         seconds[f"stage_{k}"] = time.perf_counter() - t0
+        if tracker is not None:
+            tracker.on_stage(k, out, seconds[f"stage_{k}"], from_record)
         outcomes.append(out)
         stages.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
         if on_stage is not None:

@@ -73,6 +73,7 @@ class StageTask:
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
+    log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
 
 
 def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -194,6 +195,12 @@ def stage_worker(config: dict) -> None:
             "done": done,
         }
 
+    logger = None
+    if rank == 0 and task.log_target is not None:
+        from pdd_ray.tracking import StageLogger
+
+        logger = StageLogger(task.log_target)
+
     val_acc = float("nan")
     for it in range(start_it, task.iterations + 1):
         if it % task.eval_every == 0 or it == task.iterations:
@@ -204,6 +211,9 @@ def stage_worker(config: dict) -> None:
                 val_history.append((it, val_acc))
                 if task.progress is not None:
                     task.progress.update.remote(val_acc=val_acc)
+                if logger is not None:
+                    logger.metrics(it, val_acc=val_acc)
+                    logger.images(it, new_x.detach().cpu(), task.new_labels)
                 if val_acc > best["acc"]:
                     best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": float(alpha.detach())}
         if it == task.iterations:
@@ -232,12 +242,16 @@ def stage_worker(config: dict) -> None:
         losses.append(float(loss_t))
         if rank == 0 and task.progress is not None:
             task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=float(alpha.detach()))
+        if logger is not None:
+            logger.metrics(it + 1, loss=losses[-1], alpha=float(alpha.detach()), grad_norm=float(grad_x.norm()))
 
         done_it = it + 1
         if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
             metrics = {"iteration": done_it, "loss": losses[-1], "alpha": float(alpha.detach()),
                        "grad_norm": float(grad_x.norm()), "val_acc": val_acc, "best_val_acc": best["acc"]}
             if rank == 0:
+                if logger is not None:
+                    logger.flush()
                 _save_checkpoint(state(done_it), metrics)
             else:
                 ray.train.report(metrics, checkpoint=None)
@@ -245,6 +259,8 @@ def stage_worker(config: dict) -> None:
     final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": float(alpha.detach()),
              "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": best["acc"]}
     if rank == 0:
+        if logger is not None:
+            logger.flush()
         _save_checkpoint(state(task.iterations, done=True), final)
     else:
         ray.train.report(final, checkpoint=None)

@@ -199,7 +199,7 @@ def produce(
     b = prepared.bundle
     data_ref = ray.put({"train_x": b.train_x, "train_y": b.train_y, "val_x": b.val_x, "val_y": b.val_y})
     actors = [
-        ExpertWorker.options(num_cpus=cpus, num_gpus=gpus).remote(
+        ExpertWorker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT").remote(
             data_ref, prepared.spec, store.root, gpus > 0, max(1, int(cpus))
         )
         for _ in range(size)
