@@ -216,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _jobs_commands(sub: argparse._SubParsersAction) -> None:
+    from pdd_ray import jobs
+
+    jobs.register(sub)
+
+
 #: Other modules add their subcommands here (kept apart so this file stays small).
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_jobs_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     verbose = os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING", log_to_driver=True)
+        ray.init(logging_level="INFO" if verbose else "WARNING", log_to_driver=verbose)
         return
     ray.init(
         address="local",

@@ -8,6 +8,7 @@ default store is ``sqlite:///<storage>/mlflow.db`` (MLflow 3 refuses new file st
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -83,10 +84,24 @@ def standard_tags() -> dict[str, str]:
     commit = git_commit()
     if commit:
         tags["git.commit"] = commit
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    job = ray_job_submission_id()
     if job:
         tags["ray.job_id"] = job
     return tags
+
+
+def ray_job_submission_id() -> str | None:
+    """The submission id (``raysubmit_...``) when this process is a Ray job's entrypoint.
+
+    Ray's job supervisor hands the driver its metadata as JSON in ``RAY_JOB_CONFIG_JSON_ENV_VAR``.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
