@@ -102,7 +102,21 @@ def cmd_experts(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     prepared = prepare(cfg)
     ensure_ray()
-    key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
+    tracker = None
+    if cfg.tracking.enabled:
+        from pdd_ray.tracking import RunTracker
+
+        tracker = RunTracker(cfg, run_name=f"{cfg.name}/experts", extra_tags={"pdd.kind": "experts"})
+        tracker.log_dataset(prepared.bundle)
+    try:
+        key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_expert_summaries(key, summaries)
+        tracker.finish()
     if summaries:
         accs = [s["final_val_acc"] * 100 for s in summaries]
         print(f"trained {len(summaries)} experts; final validation accuracy "

@@ -212,6 +212,19 @@ class RunTracker:
         ctx = [InputTag("mlflow.data.context", f"experts-stage{stage}")]
         self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(), ctx)])
 
+    def log_expert_summaries(self, key: str, summaries: list[dict]) -> None:
+        """Per-expert final accuracy (step = expert index) and the store key they live under."""
+        from mlflow.entities import Metric
+
+        self.client.set_tag(self.run_id, "pdd.experts_key", key)
+        now = int(time.time() * 1000)
+        metrics = []
+        for s in summaries:
+            metrics.append(Metric("expert_final_val_acc", s["final_val_acc"], now, s["index"]))
+            metrics.append(Metric("expert_final_train_acc", s["final_train_acc"], now, s["index"]))
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 900])
+
     def stage_target(self, k: int, prepared) -> StageLogTarget:
         """Create stage k's child run and say how its rank-0 worker should log into it."""
         b = prepared.bundle

@@ -93,3 +93,22 @@ def test_file_uri_store(ray_session, tmp_path):
     key, summaries = stage1_experts(cfg, prepared, progress=False)
     assert len(summaries) == 1
     assert os.path.isfile(f"{tmp_path}/uri-store/{key}/expert_00000.arrow")
+
+
+def test_cli_experts_logs_to_mlflow_and_second_call_trains_nothing(ray_session, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from pdd_ray.cli import main
+
+    ov = [o for o in tiny_overrides(str(tmp_path)) if not o.startswith("tracking")] + ["--no-progress"]
+    assert main(["experts", "digits", *ov]) == 0
+    assert "trained 2 experts" in capsys.readouterr().out
+    assert main(["experts", "digits", *ov]) == 0
+    assert "already present; nothing to train" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("pdd_ray").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    first = runs[0]
+    assert first.data.tags["pdd.kind"] == "experts" and len(first.data.tags["pdd.experts_key"]) == 16
+    history = client.get_metric_history(first.info.run_id, "expert_final_val_acc")
+    assert sorted(m.step for m in history) == [0, 1]

@@ -354,8 +354,10 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
     (directory / "config.yaml").write_text(dump_config(cfg))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    key, _ = stage1_experts(cfg, prepared, progress=progress)
+    key, summaries = stage1_experts(cfg, prepared, progress=progress)
     seconds["experts"] = time.perf_counter() - t0
+    if tracker is not None:
+        tracker.log_expert_summaries(key, summaries)
     keys = [key]
     stages: list[StageSet] = []
     outcomes: list[StageOutcome] = []
