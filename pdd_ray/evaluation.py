@@ -199,25 +199,22 @@ def eval_sets_of(bundle: DatasetBundle) -> dict[str, tuple[torch.Tensor, torch.T
     return {"val": (bundle.val_x, bundle.val_y), "test": (bundle.test_x, bundle.test_y)}
 
 
+def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig,
+                       augment: str, seed: int, progress: bool) -> EvalResult:
+    """A one-stage evaluation with the evaluation config's recipe and resources."""
+    return evaluate_progressive(
+        name, spec, [stage], recipe_from_config(cfg, augment), eval_sets_of(bundle), cfg.runs, seed,
+        cpus_per_run=cfg.cpus_per_run, gpus_per_run=cfg.gpus_per_run, progress=progress,
+    )
+
+
 def evaluate_random_baseline(
     bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True
 ) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
     paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it."""
     x, y = random_subset(bundle, ipc, seed)
-    stage = StageSet(x, y, lr=cfg.lr)
-    return evaluate_progressive(
-        f"random ipc{ipc}",
-        spec,
-        [stage],
-        recipe_from_config(cfg, augment),
-        eval_sets_of(bundle),
-        cfg.runs,
-        seed,
-        cpus_per_run=cfg.cpus_per_run,
-        gpus_per_run=cfg.gpus_per_run,
-        progress=progress,
-    )
+    return _evaluate_baseline(f"random ipc{ipc}", StageSet(x, y, lr=cfg.lr), bundle, spec, cfg, augment, seed, progress)
 
 
 def evaluate_full_baseline(
@@ -225,18 +222,7 @@ def evaluate_full_baseline(
 ) -> EvalResult:
     """The whole training set, ``cfg.full_epochs`` epochs of minibatch SGD: the ceiling."""
     stage = StageSet(bundle.train_x, bundle.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
-    return evaluate_progressive(
-        "full data",
-        spec,
-        [stage],
-        recipe_from_config(cfg, augment),
-        eval_sets_of(bundle),
-        cfg.runs,
-        seed,
-        cpus_per_run=cfg.cpus_per_run,
-        gpus_per_run=cfg.gpus_per_run,
-        progress=progress,
-    )
+    return _evaluate_baseline("full data", stage, bundle, spec, cfg, augment, seed, progress)
 
 
 def format_table(rows: list[tuple[str, str, float, float]], title: str = "test accuracy") -> str:

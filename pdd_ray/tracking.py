@@ -286,14 +286,27 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status)
 
 
-def accuracy_figure(report):
-    """Test accuracy after each stage with the random-subset and full-data baselines."""
+def _axes():
+    """A small figure on the non-interactive backend (workers and servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    return plt.subplots(figsize=(5, 3.5))
+
+
+def _done(fig):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def accuracy_figure(report):
+    """Test accuracy after each stage with the random-subset and full-data baselines."""
+    fig, ax = _axes()
     for arch, res in report.pdd.items():
         x = np.arange(1, len(res.mean()) + 1)
         ax.errorbar(x, res.mean() * 100, yerr=res.std() * 100, marker="o", capsize=3, label=f"PDD [{arch}]")
@@ -304,19 +317,12 @@ def accuracy_figure(report):
     ax.set_xlabel("stage")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return _done(fig)
 
 
 def loss_figure(report):
     """Matching loss over iterations, stage after stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _axes()
     offset = 0
     for k, out in enumerate(report.distilled.outcomes, start=1):
         x = np.arange(offset + 1, offset + len(out.losses) + 1)
@@ -325,6 +331,4 @@ def loss_figure(report):
     ax.set_xlabel("iteration")
     ax.set_ylabel("matching loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return _done(fig)
