@@ -5,6 +5,14 @@ takes ``syn_steps`` plain SGD steps with the learnable step size α on minibatch
 synthetic union (with DSA), and the loss is ‖w_N − θ*‖² / ‖θ_start − θ*‖². Gradients flow
 through the whole unroll to the *new* stage's images and to α. Earlier stages enter the
 union as constant tensors, so they receive no gradient at all and stay bit-identical.
+
+Three ways to get those gradients (``match(..., unroll=...)``):
+
+* ``"full"``: keep the whole second-order graph and call autograd once. Simple, but memory
+  grows with ``syn_steps`` × batch × activations (≈ 20 GB at CIFAR shape, 100 images, 50 steps).
+* ``"checkpoint"``: the *same* gradient, computed by an explicit reverse pass that replays one
+  step at a time from stored weights; memory is one step's graph plus N flat weight vectors.
+* ``"tesla"``: TESLA's constant-memory *approximation* (Cui et al. 2023), see ``_reverse``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
+from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
+
+UNROLLS: tuple[str, ...] = ("full", "checkpoint", "tesla")
 
 
 @dataclass
@@ -46,6 +57,26 @@ def minibatch_schedule(n: int, batch: int, steps: int, g: torch.Generator) -> li
     return out
 
 
+def _device_schedule(n: int, batch: int, steps: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The schedule as one (steps, batch) tensor on ``device``.
+
+    One host-to-device copy for the whole unroll instead of one per step (each small copy
+    synchronises a CUDA stream). Drawn exactly as ``minibatch_schedule``, so the generator
+    advances identically in every unroll mode.
+    """
+    return torch.stack(minibatch_schedule(n, batch, steps, g)).to(device)
+
+
+def _union(frozen: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Frozen stages first, then the new images (the index space of the schedule)."""
+    return torch.cat([frozen, new]) if frozen.numel() else new
+
+
+def _normaliser(start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖θ_start − θ*‖², the loss's denominator (a constant: experts are not optimised)."""
+    return ((start - target) ** 2).sum()
+
+
 def unroll_loss(
     flat_model: FlatModel,
     start: torch.Tensor,
@@ -61,18 +92,142 @@ def unroll_loss(
     g: torch.Generator,
 ) -> torch.Tensor:
     """The normalised matching loss with the full differentiable unroll (graph kept in memory)."""
-    images = torch.cat([frozen_images, new_images]) if frozen_images.numel() else new_images
-    labels = torch.cat([frozen_labels, new_labels]) if frozen_labels.numel() else new_labels
+    images = _union(frozen_images, new_images)
+    labels = _union(frozen_labels, new_labels)
     w = start.detach().clone().requires_grad_(True)
-    for idx in minibatch_schedule(images.shape[0], batch_syn, syn_steps, g):
-        idx = idx.to(images.device)
+    for idx in _device_schedule(images.shape[0], batch_syn, syn_steps, g, images.device):
         x = images[idx]
         if dsa.enabled:
             x = dsa(x, generator=g)
         ce = F.cross_entropy(flat_model(w, x), labels[idx])
         (grad,) = torch.autograd.grad(ce, w, create_graph=True)
         w = w - alpha * grad
-    return ((w - target) ** 2).sum() / ((start - target) ** 2).sum()
+    return ((w - target) ** 2).sum() / _normaliser(start, target)
+
+
+@dataclass
+class _Step:
+    """What the reverse pass needs to replay one inner step exactly: its starting weights,
+    its minibatch, and the generator state just before its DSA draw (None without DSA)."""
+
+    w: torch.Tensor
+    idx: torch.Tensor
+    rng_state: torch.Tensor | None
+
+
+def _step_grad(
+    flat_model: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, create_graph: bool
+) -> torch.Tensor:
+    """∇_w CE(f(w, x), y); ``w`` must require grad."""
+    ce = F.cross_entropy(flat_model(w, x), y)
+    (grad,) = torch.autograd.grad(ce, w, create_graph=create_graph)
+    return grad
+
+
+def _forward_stored(
+    flat_model: FlatModel,
+    start: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: torch.Tensor,
+    schedule: torch.Tensor,
+    dsa: DiffAugment,
+    g: torch.Generator,
+) -> tuple[list[_Step], torch.Tensor]:
+    """The unroll without a graph through the images: first-order steps only, keeping the
+    per-step weights (N × |θ| floats, small next to activations) and DSA generator states.
+
+    It consumes ``g`` exactly as ``unroll_loss`` does, so the caller's generator ends in the
+    same state whichever mode ran.
+    """
+    a = alpha.detach()
+    w = start.detach()
+    steps: list[_Step] = []
+    for idx in schedule:
+        state = g.get_state() if dsa.enabled else None
+        x = images[idx]
+        if dsa.enabled:
+            x = dsa(x, generator=g)
+        grad = _step_grad(flat_model, w.requires_grad_(True), x, labels[idx], create_graph=False)
+        w = w.detach()
+        steps.append(_Step(w, idx, state))
+        w = w - a * grad
+    return steps, w
+
+
+def _reverse(
+    flat_model: FlatModel,
+    steps: list[_Step],
+    v: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: torch.Tensor,
+    dsa: DiffAugment,
+    exact: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. the whole union of images and α, replaying the steps last to first.
+
+    With w_{i+1} = w_i − α g_i(w_i, X) and v = ∂L/∂w_{i+1}:
+    ∂L/∂X += −α (∂g_i/∂X)ᵀ v,  ∂L/∂α += −⟨g_i, v⟩,  ∂L/∂w_i = v − α H_i v.
+
+    ``exact`` (checkpoint) propagates v through every H_i, one autograd call per step for
+    both the image term and the vector–Hessian product, so this equals the full unroll.
+    Otherwise (TESLA) v stays the final ∂L/∂w_N: each step's images see only their direct
+    path X → g_i, dropping the ∏(I − α H_j) coupling through later steps, and α's gradient
+    is the closed form −⟨Σ g_i, v⟩. That is an approximation, exact only for one step.
+    """
+    a = alpha.detach()
+    x_all = images.detach().requires_grad_(True)
+    grad_x = torch.zeros_like(x_all)
+    grad_a = torch.zeros_like(a)
+    replay = torch.Generator(device=torch.device("cpu"))
+    for step in reversed(steps):
+        w = step.w.detach().requires_grad_(True)
+        x = x_all[step.idx]
+        if step.rng_state is not None:
+            replay.set_state(step.rng_state)
+            x = dsa(x, generator=replay)
+        g_i = _step_grad(flat_model, w, x, labels[step.idx], create_graph=True)
+        g_dot_v = torch.dot(g_i, v)
+        if exact:
+            hv, gx = torch.autograd.grad(g_dot_v, [w, x_all])
+        else:
+            (gx,) = torch.autograd.grad(g_dot_v, x_all)
+        grad_x.sub_(a * gx)
+        grad_a.sub_(g_dot_v.detach())
+        if exact:
+            v = v - a * hv
+    return grad_x, grad_a
+
+
+def _match_stored(
+    flat_model: FlatModel,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    frozen_images: torch.Tensor,
+    frozen_labels: torch.Tensor,
+    new_images: torch.Tensor,
+    new_labels: torch.Tensor,
+    alpha: torch.Tensor,
+    syn_steps: int,
+    batch_syn: int,
+    dsa: DiffAugment,
+    g: torch.Generator,
+    exact: bool,
+) -> MatchResult:
+    """``match`` for the memory-bounded modes: stored forward, then the explicit reverse pass."""
+    images = _union(frozen_images.detach(), new_images.detach())
+    labels = _union(frozen_labels, new_labels)
+    schedule = _device_schedule(images.shape[0], batch_syn, syn_steps, g, images.device)
+    steps, w_n = _forward_stored(flat_model, start, images, labels, alpha, schedule, dsa, g)
+    denom = _normaliser(start.detach(), target.detach())
+    diff = w_n - target.detach()
+    loss = (diff**2).sum() / denom
+    v = 2.0 * diff / denom  # ∂L/∂w_N in closed form
+    grad_x, grad_a = _reverse(flat_model, steps, v, images, labels, alpha, dsa, exact)
+    # Frozen images were constants: their share of the union's gradient is simply dropped.
+    grad_images = grad_x[frozen_images.shape[0] :] if frozen_images.numel() else grad_x
+    return MatchResult(loss=float(loss), grad_images=grad_images, grad_alpha=grad_a.reshape(alpha.shape))
 
 
 def match(
@@ -88,8 +243,28 @@ def match(
     batch_syn: int,
     dsa: DiffAugment,
     g: torch.Generator,
+    *,
+    unroll: str = "full",
 ) -> MatchResult:
-    """Loss and gradients of one outer iteration; ``new_images`` and ``alpha`` must require grad."""
+    """Loss and gradients of one outer iteration; ``new_images`` and ``alpha`` must require grad.
+
+    ``unroll`` picks how the gradient is computed (see the module docstring). "full" and
+    "checkpoint" give the same numbers (to float rounding) and leave ``g`` in the same state;
+    "checkpoint" pays an extra first-order forward/backward per step (about 1.3-1.5x the CPU
+    time of "full") for memory that no longer holds every step's activations. "tesla" uses the
+    same stored forward and skips only the vector-Hessian products, so it saves memory like
+    "checkpoint" but little time, and its image and α gradients are approximate.
+    """
+    if not isinstance(unroll, str) or unroll not in UNROLLS:
+        raise PddError(f"unroll={unroll!r} is not a known unroll mode; expected one of {UNROLLS}")
+    for name, value in (("syn_steps", syn_steps), ("batch_syn", batch_syn)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PddError(f"{name}={value!r} is invalid; expected an integer >= 1")
+    if unroll != "full":
+        return _match_stored(
+            flat_model, start, target, frozen_images, frozen_labels, new_images, new_labels,
+            alpha, syn_steps, batch_syn, dsa, g, exact=unroll == "checkpoint",
+        )
     loss = unroll_loss(
         flat_model, start, target, frozen_images, frozen_labels, new_images, new_labels, alpha, syn_steps, batch_syn, dsa, g
     )
