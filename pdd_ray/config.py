@@ -134,7 +134,7 @@ class DistillConfig(_Section):
     lr_init: float = Field(0.01, gt=0.0)
     batch_syn: int | None = Field(None, ge=1)
     batch_syn_policy: Literal["stage", "union"] = "stage"
-    unroll: Literal["full"] = "full"
+    unroll: Literal["full", "checkpoint", "tesla"] = "full"
     eval_every: int = Field(100, ge=1)
     eval_runs: int = Field(2, ge=1)
     eval_epochs: int = Field(300, ge=1)

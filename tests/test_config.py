@@ -54,6 +54,7 @@ def test_config_is_immutable():
         (["distill.num_stages=0"], ["distill.num_stages", "0"]),
         (["experts.lr=-0.1"], ["experts.lr", "-0.1", "greater than 0"]),
         (["distill.iterations=abc"], ["distill.iterations", "'abc'", "integer"]),
+        (["distill.unroll=lazy"], ["distill.unroll", "lazy", "checkpoint"]),
         (["model.arch=resnet99"], ["model.arch", "resnet99", "convnet"]),
         (["data.dataset=cifar1"], ["data.dataset", "cifar1", "did you mean 'cifar10'"]),
         (["model.depth=4"], ["model.depth = 4", "8x8", "at most 3"]),

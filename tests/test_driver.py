@@ -18,9 +18,14 @@ from conftest import tiny_overrides
 
 @pytest.fixture(scope="module")
 def finished(ray_session, tmp_path_factory):
-    """One tiny 2-stage run in which rank 0 raises once at iteration 3 of stage 1."""
+    """One tiny 2-stage run in which rank 0 raises once at iteration 3 of stage 1.
+
+    It uses the memory-bounded "checkpoint" unroll, so the config → worker → match path of
+    that mode (including its resume after the injected failure) runs end to end here; its
+    gradient equals the full unroll's (tests/test_unroll.py).
+    """
     out = tmp_path_factory.mktemp("driver")
-    cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0"])
+    cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint"])
     prepared = prepare(cfg)
     mp = pytest.MonkeyPatch()
     mp.setenv(FAIL_AT_ENV, "3")

@@ -227,6 +227,7 @@ def run_stage(
         lr_lr=d.lr_lr,
         lr_init=d.lr_init,
         batch_syn=batch_syn_for(cfg, b.num_classes, k),
+        unroll=d.unroll,
         eval_every=d.eval_every,
         eval_runs=d.eval_runs,
         eval_recipe=replace(recipe_from_config(cfg.evaluation, cfg.augment.strategy), epochs=d.eval_epochs),

@@ -62,6 +62,7 @@ class StageTask:
     lr_lr: float
     lr_init: float
     batch_syn: int
+    unroll: str
     eval_every: int
     eval_runs: int
     eval_recipe: TrainRecipe
@@ -229,7 +230,7 @@ def stage_worker(config: dict) -> None:
         start = experts.params(pick, t, device)
         target = experts.params(pick, t + task.expert_epochs, device)
         res = match(flat_model, start, target, frozen_x, frozen_y, new_x, new_y, alpha,
-                    task.syn_steps, task.batch_syn, dsa, g)
+                    task.syn_steps, task.batch_syn, dsa, g, unroll=task.unroll)
         grad_x, grad_a, loss_t = _all_average(
             [res.grad_images, res.grad_alpha.reshape(1), torch.tensor([res.loss], device=device)]
         )
