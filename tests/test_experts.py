@@ -10,7 +10,7 @@ import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.errors import PddError
-from pdd_ray.experts.produce import expert_store_root, produce, stage1_experts, stage1_jobs
+from pdd_ray.experts.produce import expert_store_root, pool_size, produce, stage1_experts, stage1_jobs
 from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.experts.trajectory import record_trajectory
 from pdd_ray.prepare import prepare
@@ -112,3 +112,22 @@ def test_cli_experts_logs_to_mlflow_and_second_call_trains_nothing(ray_session, 
     assert first.data.tags["pdd.kind"] == "experts" and len(first.data.tags["pdd.experts_key"]) == 16
     history = client.get_metric_history(first.info.run_id, "expert_final_val_acc")
     assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_pool_size_waits_for_resources_released_just_before(ray_session):
+    """Right after an actor dies its CPU is released asynchronously; the pool must still get
+    both CPUs of the session cluster (it once read 0 free and ran every transition on one)."""
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    ray.kill(hog)
+    assert pool_size(5, cpus=1.0, gpus=0.0) == 2
+    assert pool_size(1, cpus=1.0, gpus=0.0) == 1
+    with pytest.raises(PddError, match="experts.gpus = 0.5"):
+        pool_size(2, cpus=1.0, gpus=0.5)

@@ -7,6 +7,7 @@ skips the files that already exist, so a killed run loses at most the experts in
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import ray
@@ -170,6 +171,33 @@ def missing_jobs(store: TrajectoryStore, jobs: list[ExpertJob]) -> list[ExpertJo
     return todo
 
 
+def _fits(resources: dict, n: int, cpus: float, gpus: float) -> int:
+    """How many experts asking ``cpus``/``gpus`` each fit in ``resources`` (at most ``n``)."""
+    by_cpu = int(resources.get("CPU", 0) // cpus) if cpus > 0 else n
+    by_gpu = int(resources.get("GPU", 0) // gpus) if gpus > 0 else n
+    return min(n, by_cpu, by_gpu)
+
+
+def pool_size(n: int, cpus: float, gpus: float, settle_s: float = 5.0) -> int:
+    """Actors to start for ``n`` experts: as many as the *free* resources hold, at least one.
+
+    Free, not total, so a run inside a Tune trial does not queue actors behind its siblings.
+    But resources of actors or Train workers that just ended are released asynchronously, so
+    right after a stage the free count can read 0 (this once made every transition run on a
+    single actor): re-read for up to ``settle_s`` seconds while fewer fit than the cluster's
+    total would allow.
+    """
+    total = _fits(ray.cluster_resources(), n, cpus, gpus)
+    if gpus > 0 and total < 1:
+        raise PddError(f"experts.gpus = {gpus} but the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs")
+    best = _fits(ray.available_resources(), n, cpus, gpus)
+    deadline = time.monotonic() + settle_s
+    while best < total and time.monotonic() < deadline:
+        time.sleep(0.25)
+        best = max(best, _fits(ray.available_resources(), n, cpus, gpus))
+    return max(1, best)
+
+
 def produce(
     store: TrajectoryStore,
     jobs: list[ExpertJob],
@@ -190,12 +218,7 @@ def produce(
     todo = missing_jobs(store, jobs)
     if not todo:
         return []
-    avail = ray.available_resources()
-    by_cpu = int(avail.get("CPU", 1) // cpus) if cpus > 0 else len(todo)
-    by_gpu = int(avail.get("GPU", 0) // gpus) if gpus > 0 else len(todo)
-    size = max(1, min(len(todo), by_cpu, by_gpu))
-    if gpus > 0 and by_gpu < 1:
-        raise PddError(f"experts.gpus = {gpus} but the cluster has {avail.get('GPU', 0)} free GPUs")
+    size = pool_size(len(todo), cpus, gpus)
     b = prepared.bundle
     data_ref = ray.put({"train_x": b.train_x, "train_y": b.train_y, "val_x": b.val_x, "val_y": b.val_y})
     actors = [
