@@ -1,0 +1,280 @@
+"""Distilled-data quality on digits at equal total IPC and equal distillation-iteration budget.
+
+Compares, for each total IPC T (``--total-ipc 10 20``):
+
+* random real subset, T images per class;
+* MTT (P = 1): one stage of T images per class, ``budget`` iterations;
+* PDD (P = 2, 5, ...): P stages of T / P images per class, ``budget / P`` iterations each
+  (so every method spends the same total number of distillation iterations);
+* full training data (once; it does not depend on T).
+
+Everything else is the digits preset unchanged and identical across methods (experts:
+8 x 20 epochs at lr 0.1; matching: max_start_epoch 6, expert_epochs 2, syn_steps 20, lr_img,
+lr_lr, lr_init, eval_every 50 selection on the validation split; evaluation: 5 runs x 300 epochs
+per stage), so only the stage split differs. No per-method tuning.
+
+Each method is distilled with ``pdd_ray.distill.driver.distill`` and evaluated with
+``pdd_ray.pipeline.evaluate_distilled`` -- exactly the body of ``pdd_ray.pipeline.run`` minus
+its baselines, which are evaluated once per T here (``pdd_ray.evaluation``) instead of once
+per method. Stage-1 experts live in one content-addressed store shared by every method (the
+methods share the expert settings, so they are produced once, timed separately, up front).
+Accuracies are test accuracy (mean ± population std over runs) from the shared evaluator;
+selection inside distillation uses the validation split only.
+
+    python benchmarks/quality.py [--total-ipc 10 20] [--budget 200] [--runs 5] [--stages 1 2 5]
+                                 [--storage DIR] [--out benchmarks/results/quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pdd_ray.config import PddConfig, load_config  # noqa: E402
+from pdd_ray.distill.driver import distill, run_dir  # noqa: E402
+from pdd_ray.evaluation import EvalResult, evaluate_full_baseline, evaluate_random_baseline  # noqa: E402
+from pdd_ray.experts.produce import expert_store_root, stage1_experts, stage1_jobs  # noqa: E402
+from pdd_ray.experts.store import TrajectoryStore  # noqa: E402
+from pdd_ray.pipeline import evaluate_distilled  # noqa: E402
+from pdd_ray.prepare import prepare  # noqa: E402
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic write: temp name beside the target, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def method_name(p: int) -> str:
+    return "MTT (P = 1)" if p == 1 else f"PDD (P = {p})"
+
+
+def acc(res: EvalResult) -> dict:
+    """Per-stage mean/std test and val accuracy (percent) plus the raw per-run scores."""
+    out = {
+        "test_mean": [float(v) * 100 for v in res.mean("test")],
+        "test_std": [float(v) * 100 for v in res.std("test")],
+        "val_mean": [float(v) * 100 for v in res.mean("val")],
+        "val_std": [float(v) * 100 for v in res.std("val")],
+        "scores": {k: v.tolist() for k, v in res.scores.items()},
+    }
+    out["final_test_mean"], out["final_test_std"] = out["test_mean"][-1], out["test_std"][-1]
+    out["final_val_mean"] = out["val_mean"][-1]
+    return out
+
+
+def config_for(args, total_ipc: int, p: int) -> PddConfig:
+    return load_config("digits", [
+        f"name=quality-ipc{total_ipc}-p{p}",
+        f"storage={args.storage}",
+        f"seed={args.seed}",
+        f"distill.num_stages={p}",
+        f"distill.ipc_per_stage={total_ipc // p}",
+        f"distill.iterations={args.budget // p}",
+        f"evaluation.runs={args.runs}",
+        "tracking.enabled=false",
+    ])
+
+
+def expert_context(cfg: PddConfig, prepared) -> dict:
+    """Stage-1 experts' validation accuracy where matching reaches and at the end (context for
+    the 'distilled data cannot beat its experts' ceiling)."""
+    store = TrajectoryStore(expert_store_root(cfg))
+    key = stage1_jobs(cfg, prepared)[0].key
+    reach = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+    at_reach, final = [], []
+    for j in store.indices(key):
+        with store.open(key, j) as r:
+            va = r.meta.get("val_acc") or []
+            if len(va) > reach:
+                at_reach.append(va[reach])
+            final.append(r.meta.get("final_val_acc", float("nan")))
+    mean = lambda xs: float(sum(xs) / len(xs) * 100) if xs else None  # noqa: E731
+    return {"key": key, "experts": len(final), "reach_epoch": reach, "val_acc_at_reach": mean(at_reach),
+            "final_epoch": cfg.experts.epochs, "val_acc_final": mean(final)}
+
+
+def fmt(mu: float, sd: float) -> str:
+    return f"{mu:5.2f} ± {sd:4.2f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Distilled-data quality on digits (equal total IPC, equal iteration budget)",
+        "",
+        f"Budget {result['budget']} distillation iterations in total per method (iterations per stage = budget / P); "
+        f"{result['runs']} evaluation runs each, test accuracy % (mean ± std). Experts: {result['experts']['experts']} "
+        f"x {result['experts']['final_epoch']} epochs, val acc {result['experts']['val_acc_at_reach']:.2f}% at epoch "
+        f"{result['experts']['reach_epoch']} (furthest matching target), {result['experts']['val_acc_final']:.2f}% at "
+        f"epoch {result['experts']['final_epoch']}. Shared stage-1 experts: {result['seconds']['shared_experts']:.0f} s "
+        "(not counted in the per-method wall times).",
+        "",
+    ]
+    for block in result["settings"]:
+        t = block["total_ipc"]
+        lines += [f"## total IPC {t}", "",
+                  "| method | stages × IPC | iterations / stage | test acc after each stage | final test acc | "
+                  "distill s | eval s | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        r = block["random"]
+        lines.append(f"| random subset | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
+                     f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
+        for m in block["methods"]:
+            curve = " → ".join(f"{v:.2f}" for v in m["accuracy"]["test_mean"])
+            lines.append(
+                f"| {m['method']} | {m['stages']} × {m['ipc_per_stage']} | {m['iterations_per_stage']} | {curve} | "
+                f"{fmt(m['accuracy']['final_test_mean'], m['accuracy']['final_test_std'])} | "
+                f"{m['seconds']['distill']:.0f} | {m['seconds']['evaluation']:.0f} | {m['seconds']['wall']:.0f}"
+                f"{' (resumed)' if m['resumed_stages'] else ''} |")
+        f = result.get("full")
+        if f:
+            lines.append(f"| full data | all images | – | – | {fmt(f['final_test_mean'], f['final_test_std'])} | – | "
+                         f"{f['seconds']:.0f} | {f['seconds']:.0f} |")
+        lines.append("")
+    lines += ["Wall times are on a 2-core machine shared with other jobs; they are indicative only.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--total-ipc", type=int, nargs="+", default=[10], help="total images per class (default 10)")
+    ap.add_argument("--budget", type=int, default=200, help="total distillation iterations per method (default 200)")
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 5], help="stage counts P (1 = MTT; default 1 2 5)")
+    ap.add_argument("--runs", type=int, default=5, help="evaluation runs per method (default 5)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--storage", type=Path, default=None,
+                    help="where experts and runs go (default: a temporary directory, removed at the end)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-data baseline")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    ap.add_argument("--md", type=Path, default=None, help="markdown table (default: --out with .md)")
+    args = ap.parse_args(argv)
+    for t in args.total_ipc:
+        for p in args.stages:
+            if t % p:
+                ap.error(f"total IPC {t} is not divisible by P = {p}")
+    for p in args.stages:
+        if args.budget % p:
+            ap.error(f"--budget {args.budget} is not divisible by P = {p}")
+    md_path = args.md or args.out.with_suffix(".md")
+    temp_storage = args.storage is None
+    args.storage = Path(tempfile.mkdtemp(prefix="pdd-bench-quality-")) if temp_storage else args.storage.resolve()
+
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    t_all = time.perf_counter()
+    base = config_for(args, args.total_ipc[0], args.stages[0])
+    prepared = prepare(base)  # data, split and model are identical across methods
+    result: dict = {
+        "benchmark": "quality",
+        "dataset": "digits",
+        "budget": args.budget,
+        "runs": args.runs,
+        "seed": args.seed,
+        "storage": str(args.storage) if not temp_storage else None,
+        "shared_settings": {
+            "experts": base.experts.model_dump(mode="json"),
+            "distill": {k: v for k, v in base.distill.model_dump(mode="json").items()
+                        if k not in ("num_stages", "ipc_per_stage", "iterations")},
+            "evaluation": base.evaluation.model_dump(mode="json"),
+            "augment": base.augment.strategy,
+        },
+        "seconds": {},
+        "settings": [],
+        "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
+                 "torch": torch.__version__, "ray": ray.__version__},
+    }
+
+    def save() -> None:
+        result["seconds"]["total"] = time.perf_counter() - t_all
+        result["host"]["loadavg_now"] = os.getloadavg()
+        write_text(args.out, json.dumps(result, indent=2))
+        if result.get("experts"):
+            write_text(md_path, markdown(result))
+
+    try:
+        t0 = time.perf_counter()
+        stage1_experts(base, prepared, progress=False)
+        result["seconds"]["shared_experts"] = time.perf_counter() - t0
+        result["experts"] = expert_context(base, prepared)
+        print(f"shared stage-1 experts: {result['seconds']['shared_experts']:.0f} s "
+              f"(val acc {result['experts']['val_acc_at_reach']:.2f}% at epoch {result['experts']['reach_epoch']}, "
+              f"{result['experts']['val_acc_final']:.2f}% at epoch {result['experts']['final_epoch']})", flush=True)
+        ev, aug = base.evaluation, base.augment.strategy
+
+        if not args.no_full:
+            t0 = time.perf_counter()
+            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, args.seed, progress=False)
+            result["full"] = {**acc(full), "seconds": time.perf_counter() - t0}
+            print(f"full data: {fmt(result['full']['final_test_mean'], result['full']['final_test_std'])} "
+                  f"({result['full']['seconds']:.0f} s)", flush=True)
+            save()
+
+        for t in args.total_ipc:
+            block: dict = {"total_ipc": t, "methods": []}
+            result["settings"].append(block)
+            t0 = time.perf_counter()
+            rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False)
+            block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0}
+            print(f"[ipc {t}] random subset: {fmt(block['random']['final_test_mean'], block['random']['final_test_std'])}"
+                  f" ({block['random']['seconds']:.0f} s)", flush=True)
+            save()
+            for p in args.stages:
+                cfg = config_for(args, t, p)
+                directory = run_dir(cfg)
+                resumed = [k for k in range(1, p + 1) if (directory / f"stage_{k}" / "manifest.json").is_file()]
+                t0 = time.perf_counter()
+                dres = distill(cfg, prepared, progress=False)
+                t_distill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                pdd = evaluate_distilled(cfg, prepared, dres, progress=False)["convnet"]
+                t_eval = time.perf_counter() - t0
+                m = {
+                    "method": method_name(p),
+                    "stages": p,
+                    "ipc_per_stage": t // p,
+                    "iterations_per_stage": args.budget // p,
+                    "total_iterations": (args.budget // p) * p,
+                    "accuracy": acc(pdd),
+                    "stage_outcomes": [{"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc * 100,
+                                        "best_iteration": o.best_iteration} for k, o in enumerate(dres.outcomes)],
+                    "seconds": {"distill": t_distill, "evaluation": t_eval, "wall": t_distill + t_eval,
+                                "breakdown": dres.seconds},
+                    "resumed_stages": resumed,
+                    "run_dir": str(dres.directory) if not temp_storage else None,
+                }
+                block["methods"].append(m)
+                a = m["accuracy"]
+                print(f"[ipc {t}] {m['method']:12s} {p} x {t // p} ipc, {args.budget // p} it/stage: "
+                      f"{fmt(a['final_test_mean'], a['final_test_std'])} (per stage "
+                      f"{' -> '.join(f'{v:.2f}' for v in a['test_mean'])}); distill {t_distill:.0f} s, "
+                      f"eval {t_eval:.0f} s{' [resumed stages ' + str(resumed) + ']' if resumed else ''}", flush=True)
+                save()
+        save()
+    finally:
+        ray.shutdown()
+        if temp_storage:
+            shutil.rmtree(args.storage, ignore_errors=True)
+
+    print()
+    print(markdown(result))
+    print(f"wrote {args.out} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
