@@ -122,7 +122,7 @@ class ExpertsConfig(_Section):
 class DistillConfig(_Section):
     """PDD stages on top of the base distillation method."""
 
-    method: Literal["mtt"] = "mtt"
+    method: Literal["mtt", "dm", "idc"] = "mtt"  # registry: pdd_ray.distill.methods.METHODS
     num_stages: int = Field(5, ge=1, le=100)
     ipc_per_stage: int = Field(2, ge=1)
     iterations: int = Field(5000, ge=0)
@@ -145,11 +145,46 @@ class DistillConfig(_Section):
     max_failures: int = Field(2, ge=0)
     transition_syn_epochs: int = Field(300, ge=0)
     transition_experts: int | None = Field(None, ge=1)
+    # forgetting-score discarding (pdd-reference §8, our reconstruction): from stage
+    # discard_from_stage on, floor(discard_fraction * n) easiest real examples are left out
+    discard_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    discard_from_stage: int = Field(2, ge=2)
 
     @property
     def total_ipc(self) -> int:
         """Images per class of the final union."""
         return self.num_stages * self.ipc_per_stage
+
+
+class DmConfig(_Section):
+    """Distribution matching (``method: dm``; Zhao & Bilen 2023) as PDD's base method."""
+
+    batch_real: int = Field(256, ge=1)  # real images per class in each iteration's class mean
+    lr_img: float = Field(1.0, gt=0.0)  # the images' SGD lr (momentum 0.5), DM's default; not distill.lr_img
+
+
+class IdcConfig(_Section):
+    """IDC (``method: idc``; Kim et al. 2022) as PDD's base method: gradient matching on
+    multi-formation-decoded images (``pdd_ray/distill/methods/idc.py``). Defaults sized for digits."""
+
+    factor: int = Field(2, ge=1, le=8)  # each stored image decodes to factor**2 training images
+    init: Literal["mix", "real"] = "mix"  # mix: factor**2 real images downsampled into the quadrants
+    batch_real: int = Field(64, ge=1)  # real images per class per matching step
+    batch_syn_max: int = Field(128, ge=1)  # decoded synthetic images per class per matching step, at most
+    inner_loop: int = Field(10, ge=1)  # a new matching network every inner_loop iterations
+    net_steps: int = Field(5, ge=0)  # real-data SGD steps of the network after each matching step
+    batch_train: int = Field(128, ge=1)  # real images per network step
+    net_lr: float = Field(0.01, gt=0.0)
+    net_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    net_weight_decay: float = Field(5e-4, ge=0.0)
+    lr_img: float = Field(0.2, gt=0.0)  # the images' SGD lr (momentum 0.5); not distill.lr_img (see README)
+    augment: str | None = None  # DSA for matching and network steps; null: augment.strategy
+    augment_mode: Literal["all", "single"] = "all"  # IDC applies every family (one shared draw)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_families(cls, v: str | None) -> str | None:
+        return None if v is None else AugmentConfig._known_families(v)
 
 
 class EvalConfig(_Section):
@@ -190,8 +225,28 @@ class PddConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     experts: ExpertsConfig = ExpertsConfig()
     distill: DistillConfig = DistillConfig()
+    dm: DmConfig = DmConfig()
+    idc: IdcConfig = IdcConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shortcut(cls, data: Any) -> Any:
+        """``method: idc`` at the top level (``pdd-ray run digits method=idc``) means
+        ``distill.method``; both at once must agree."""
+        if not isinstance(data, dict) or "method" not in data:
+            return data
+        data = dict(data)
+        method = data.pop("method")
+        distill = dict(data.get("distill") or {})
+        if "distill" in data and not isinstance(data["distill"], dict):
+            return data
+        if "method" in distill and distill["method"] != method:
+            raise ValueError(f"method = {method!r} and distill.method = {distill['method']!r} disagree; set one of them")
+        distill["method"] = method
+        data["distill"] = distill
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PddConfig:
@@ -207,6 +262,9 @@ class PddConfig(_Section):
             )
         if self.experts.gpus > 0 and not d.use_gpu:
             raise ValueError(f"experts.gpus = {self.experts.gpus} needs distill.use_gpu: true")
+        if d.method == "idc" and size is not None and size % self.idc.factor:
+            raise ValueError(f"idc.factor = {self.idc.factor} does not divide the image size {size}; "
+                             "multi-formation needs equal patches")
         return self
 
     @property
@@ -372,7 +430,12 @@ def build_config(data: dict[str, Any]) -> PddConfig:
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> PddConfig:
     """Load a preset or YAML file (default: the digits preset) and apply ``key=value`` overrides."""
     path = resolve_preset(name_or_path or "digits")
-    data = _merge(read_yaml(path), parse_overrides(list(overrides or [])))
+    extra = parse_overrides(list(overrides or []))
+    if "method" in extra and isinstance(extra.get("distill", {}), dict) and "method" not in extra.get("distill", {}):
+        # ``method=dm`` overrides the preset's ``distill.method`` (a clash among the overrides still fails)
+        extra = {**extra, "distill": {**extra.get("distill", {}), "method": extra["method"]}}
+        del extra["method"]
+    data = _merge(read_yaml(path), extra)
     return build_config(data)
 
 

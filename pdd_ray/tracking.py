@@ -225,6 +225,12 @@ class RunTracker:
         for i in range(0, len(metrics), 900):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 900])
 
+    def log_real_examples(self, k: int, n: int) -> None:
+        """How many real training examples stage k's experts used (step = stage; forgetting discarding)."""
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.run_id, metrics=[Metric("real_examples", float(n), int(time.time() * 1000), k)])
+
     def stage_target(self, k: int, prepared) -> StageLogTarget:
         """Create stage k's child run and say how its rank-0 worker should log into it."""
         b = prepared.bundle

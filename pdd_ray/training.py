@@ -50,13 +50,18 @@ def train(
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.optim.Optimizer:
     """Train ``model`` in place on ``(x, y)`` for ``recipe.epochs`` shuffled epochs.
 
     ``optimizer`` may be passed in to continue with its momentum (progressive evaluation);
     its lr is then set to ``recipe.lr``. The lr drops x0.1 after half the epochs when
     ``lr_decay_at_half``. ``on_epoch(e)`` runs after each epoch (experts record parameters
-    there). Returns the optimizer so the caller can carry its state on.
+    there). ``on_batch(e, idx, correct)`` gets, for every minibatch, the row indices into
+    ``x`` and whether the training forward pass classified each row correctly (forgetting
+    scores count on exactly this pass, Toneva et al. 2019); both stay on the model's device.
+    It only reads the detached logits, so weights and the RNG stream are the same with or
+    without it. Returns the optimizer so the caller can carry its state on.
     """
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
@@ -75,10 +80,14 @@ def train(
             xb = x[idx]
             if dsa.enabled:
                 xb = dsa(xb, generator=generator)
-            loss = F.cross_entropy(model(xb), y[idx])
+            yb = y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_batch is not None:
+                on_batch(epoch, idx, logits.detach().argmax(1) == yb)
         if on_epoch is not None:
             on_epoch(epoch)
     return optimizer

@@ -106,3 +106,11 @@ def test_yaml_file_and_storage_made_absolute(tmp_path, monkeypatch):
 def test_flat_dict_has_dotted_keys():
     flat = load_config("digits").to_flat_dict()
     assert flat["distill.ipc_per_stage"] == 5 and flat["data.dataset"] == "digits"
+
+
+def test_top_level_method_is_a_shortcut_for_distill_method():
+    assert load_config("digits", ["method=mtt"]).distill.method == "mtt"
+    with pytest.raises(PddError, match="distill.method"):
+        load_config("digits", ["method=nope"])
+    with pytest.raises(PddError, match="disagree"):
+        load_config("digits", ["method=mtt", "distill.method=dm"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.mtt import match, minibatch_schedule, unroll_loss
+from pdd_ray.distill.match import match, minibatch_schedule, unroll_loss
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import generator

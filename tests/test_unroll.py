@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.mtt import UNROLLS, match, unroll_loss
+from pdd_ray.distill.match import UNROLLS, match, unroll_loss
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded

@@ -117,8 +117,14 @@ def write_artifact(
     recipe: TrainRecipe,
     carry_optimizer_state: bool,
     provenance: dict,
+    decode: dict | None = None,
 ) -> Path:
-    """Write the artifact directory; it appears under its final name only when complete."""
+    """Write the artifact directory; it appears under its final name only when complete.
+
+    ``decode`` (the method's ``decode_info``, e.g. IDC's multi-formation) is recorded as the
+    manifest's ``"decode"`` entry; the stage files always hold decoded, ready-to-train images.
+    None (MTT, DM) writes no entry, so those manifests are unchanged.
+    """
     final = Path(path)
     tmp_dir = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
     tmp_dir.mkdir(parents=True)
@@ -153,6 +159,8 @@ def write_artifact(
                                    "alpha as lr, for `epochs` epochs each; lr x0.1 at half of each stage"},
             "provenance": provenance,
         }
+        if decode is not None:
+            manifest["decode"] = decode
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import write_artifact
+from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.stage import StageTask, load_state, stage_worker
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet, random_subset, recipe_from_config
@@ -39,6 +40,8 @@ from pdd_ray.experts.produce import (
     matching_reach,
     model_meta,
     produce,
+    real_examples,
+    real_pool,
     stage1_experts,
 )
 from pdd_ray.experts.store import TrajectoryStore, store_key
@@ -46,6 +49,9 @@ from pdd_ray.experts.trajectory import Warmup
 from pdd_ray.prepare import Prepared
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
+
+#: Top-level config sections that belong to one base method each.
+METHOD_SECTIONS = ("dm", "idc")
 
 #: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
 FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
@@ -71,6 +77,12 @@ def run_key(cfg: PddConfig) -> str:
         d.pop(k)
     for k in ("max_failures", "checkpoint_every"):
         d["distill"].pop(k)
+    if d["distill"]["discard_fraction"] == 0:  # off: keys of runs made before discarding existed stay valid
+        for k in ("discard_fraction", "discard_from_stage"):
+            d["distill"].pop(k)
+    for section in METHOD_SECTIONS:  # another method's settings cannot change these images
+        if section != cfg.distill.method:
+            d.pop(section, None)
     d["experts"].pop("storage")
     return store_key(d)
 
@@ -82,16 +94,6 @@ def run_dir(cfg: PddConfig) -> Path:
         raise PddError(f"storage = {root!r}: runs need a local or shared (NFS) path for now; use an absolute path")
     root = root.removeprefix("file://")
     return Path(root) / "runs" / f"{cfg.name}-{run_key(cfg)}"
-
-
-def batch_syn_for(cfg: PddConfig, num_classes: int, stage: int) -> int:
-    """``batch_syn``: explicit, or the stage's new images (paper default), or the whole union."""
-    d = cfg.distill
-    if d.batch_syn is not None:
-        return d.batch_syn
-    if d.batch_syn_policy == "union":
-        return num_classes * d.ipc_per_stage * stage
-    return num_classes * d.ipc_per_stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +175,15 @@ def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -
 # ----------------------------------------------------------------------------------------------
 
 
+def _real_ref(cfg: PddConfig, prepared: Prepared, k: int):
+    """The real examples stage k's matching may draw from (after forgetting-score discarding)."""
+    b = prepared.bundle
+    pool = real_pool(cfg, prepared, k)
+    if pool is None:
+        return ray.put((b.train_x, b.train_y))
+    return ray.put((b.train_x[pool], b.train_y[pool]))
+
+
 def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
     """Refuse a CPU worker layout the cluster can never schedule (Ray would wait forever)."""
     total = ray.cluster_resources().get("CPU", 0)
@@ -188,28 +199,39 @@ def run_stage(
     prepared: Prepared,
     directory: Path,
     k: int,
-    expert_key: str,
+    expert_key: str | None,
     frozen: list[StageSet],
     progress: bool = True,
     log_target=None,
 ) -> StageOutcome:
-    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint."""
+    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
+
+    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
+    trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
+    a method that starts from fresh random networks.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     d, b = cfg.distill, prepared.bundle
     _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
+    method = method_class(d.method)
     store = TrajectoryStore(expert_store_root(cfg))
-    indices = store.indices(expert_key)
-    if not indices:
+    indices = store.indices(expert_key) if expert_key else []
+    if method.needs_trajectories and not indices:
         raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
-    init_x, init_y = random_subset(b, d.ipc_per_stage, derive_seed(cfg.seed, "stage-init", k))
+    params = method.stage_params(cfg, b.num_classes, k)
+    init_seed = derive_seed(cfg.seed, "stage-init", k)
+    init = method.init_images(params, b, d.ipc_per_stage, init_seed)  # IDC: several real images per stored one
+    init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
     fail_at = os.environ.get(FAIL_AT_ENV)
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     task = StageTask(
         stage=k,
+        method=d.method,
+        params=params,
         spec=prepared.spec,
         store_root=store.root,
         expert_key=expert_key,
@@ -220,14 +242,9 @@ def run_stage(
         new_labels=init_y,
         val_ref=ray.put((b.val_x, b.val_y)),
         iterations=d.iterations,
-        syn_steps=d.syn_steps,
-        expert_epochs=d.expert_epochs,
-        max_start_epoch=d.max_start_epoch,
-        lr_img=d.lr_img,
+        lr_img=method.image_lr(cfg),
         lr_lr=d.lr_lr,
         lr_init=d.lr_init,
-        batch_syn=batch_syn_for(cfg, b.num_classes, k),
-        unroll=d.unroll,
         eval_every=d.eval_every,
         eval_runs=d.eval_runs,
         eval_recipe=replace(recipe_from_config(cfg.evaluation, cfg.augment.strategy), epochs=d.eval_epochs),
@@ -235,6 +252,7 @@ def run_stage(
         augment=cfg.augment.strategy,
         seed=cfg.seed,
         use_gpu=d.use_gpu,
+        real_ref=_real_ref(cfg, prepared, k) if method.needs_real_data else None,
         threads=d.cpus_per_worker,
         fail_at=int(fail_at) if fail_at and k == 1 else None,
         fail_marker=str(directory / "injected_failure.marker"),
@@ -284,11 +302,18 @@ def run_stage(
 # ----------------------------------------------------------------------------------------------
 
 
-def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str, union: list[StageSet]) -> list[ExpertJob]:
-    """Expert j of stage k+1: expert j's start weights, trained on S_<=k with α_k, then real data."""
+def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | None,
+                    union: list[StageSet]) -> list[ExpertJob]:
+    """Expert j of stage k+1: expert j's start weights, trained on S_<=k with α_k, then real data.
+
+    Methods without trajectories (``needs_trajectories`` False) get only the conditioned
+    networks: snapshot 0 after the union, no real epochs; with no previous pool (stage 1)
+    they start from seeded random networks.
+    """
     d, ev = cfg.distill, cfg.evaluation
     store = TrajectoryStore(expert_store_root(cfg))
-    prev = store.indices(prev_key)
+    trajectories = method_class(d.method).needs_trajectories
+    prev = store.indices(prev_key) if prev_key else list(range(d.transition_experts or cfg.experts.num_experts))
     if d.transition_experts is not None:
         prev = prev[: d.transition_experts]
     alpha = union[-1].lr
@@ -296,18 +321,21 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str, u
     uy = torch.cat([s.labels for s in union])
     warm = TrainRecipe(epochs=d.transition_syn_epochs, lr=alpha, momentum=ev.momentum, weight_decay=ev.weight_decay,
                        batch_size=ev.batch_size, lr_decay_at_half=True, augment=cfg.augment.strategy)
-    reach = matching_reach(cfg)
+    reach = matching_reach(cfg) if trajectories else -1
     real = replace(expert_recipe(cfg), epochs=reach + 1)
+    pool = real_pool(cfg, prepared, k + 1) if real.epochs > 0 else None  # forgetting-score discarding
+    kept = ({"real_pool": {"fraction": d.discard_fraction, "size": int(pool.numel()), "kept": _digest(pool)}}
+            if pool is not None else {})
     union_digest = store_key({"images": _digest(ux), "labels": _digest(uy), "alpha": alpha})
     key = store_key({**base_settings(cfg, prepared), "kind": "transition", "stage": k + 1, "prev": prev_key,
-                     "union": union_digest, "warmup": asdict(warm), "recipe": asdict(real)})
+                     "union": union_digest, "warmup": asdict(warm), "recipe": asdict(real), **kept})
     common = {**base_settings(cfg, prepared), **model_meta(prepared.spec), "optimizer": asdict(real), "stage": k + 1,
-              "warmup": asdict(warm), "prev_key": prev_key}
+              "warmup": asdict(warm), "prev_key": prev_key, **kept}
     return [
         ExpertJob(key=key, index=j, seed=derive_seed(cfg.seed, "transition", k + 1, j), recipe=real,
                   keep_epochs=reach + 1, meta={**common, "seed": derive_seed(cfg.seed, "transition", k + 1, j),
                                                "expert_index": j},
-                  init_from=(prev_key, j), warmup=Warmup(ux, uy, warm))
+                  init_from=(prev_key, j) if prev_key else None, warmup=Warmup(ux, uy, warm), pool=pool)
         for j in prev
     ]
 
@@ -318,13 +346,32 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str, union: list[StageSet],
-                   progress: bool = True) -> str:
-    """Produce (or find) the experts of stage k+1 in parallel; returns their store key."""
+def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | None, union: list[StageSet],
+                   progress: bool = True, directory: Path | None = None, tracker=None) -> str:
+    """Produce (or find) the experts of stage k+1 in parallel; returns their store key.
+
+    With ``directory``, the number of real examples the new experts trained on is recorded
+    in ``<directory>/real_examples.json`` (and on ``tracker``), see :func:`record_real_examples`.
+    """
     jobs = transition_jobs(cfg, prepared, k, prev_key, union)
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, f"transition {k}->{k + 1}", progress)
+    if directory is not None and jobs:  # the experts' real data (MTT) or the matched real batches (DM, IDC)
+        n = real_examples(cfg, prepared, k + 1)
+        record_real_examples(directory, k + 1, n, prepared.bundle.train_x.shape[0], tracker, progress)
     return jobs[0].key
+
+
+def record_real_examples(directory: Path, k: int, n: int, total: int, tracker=None, progress: bool = True) -> None:
+    """Note that stage k used ``n`` of the ``total`` real training examples (forgetting-score discarding)."""
+    path = directory / "real_examples.json"
+    counts = json.loads(path.read_text()) if path.is_file() else {}
+    counts[f"stage_{k}"] = n
+    _write_json(path, counts)
+    if tracker is not None:
+        tracker.log_real_examples(k, n)
+    if progress and n < total:
+        tqdm.write(f"stage {k}: real pool {n} of {total} examples (distill.discard_fraction)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +387,7 @@ class DistillResult:
     artifact: Path
     stages: list[StageSet]
     outcomes: list[StageOutcome]
-    expert_keys: list[str]
+    expert_keys: list[str | None]
     seconds: dict[str, float]
 
 
@@ -355,34 +402,44 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
     (directory / "config.yaml").write_text(dump_config(cfg))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    key, summaries = stage1_experts(cfg, prepared, progress=progress)
+    key: str | None = None  # stage 1's conditioning pool: none (fresh networks) unless the method matches trajectories
+    if method_class(cfg.distill.method).needs_trajectories:
+        key, summaries = stage1_experts(cfg, prepared, progress=progress)
+        if tracker is not None:
+            tracker.log_expert_summaries(key, summaries)
+    elif cfg.distill.discard_fraction > 0:  # the forgetting counts come from stage-1 experts' real-data training
+        _, summaries = stage1_experts(cfg, prepared, progress=progress)
     seconds["experts"] = time.perf_counter() - t0
-    if tracker is not None:
-        tracker.log_expert_summaries(key, summaries)
+    n_real = prepared.bundle.train_x.shape[0]
+    record_real_examples(directory, 1, real_examples(cfg, prepared, 1), n_real, tracker, progress)
     keys = [key]
-    stages: list[StageSet] = []
+    stages: list[StageSet] = []  # decoded training images: what evaluation, transitions and the artifact use
+    stored: list[StageSet] = []  # what each stage optimised: later stages freeze these
+    method = method_class(cfg.distill.method)
     outcomes: list[StageOutcome] = []
     ev_epochs = cfg.evaluation.epochs_per_stage
     for k in range(1, cfg.distill.num_stages + 1):
         t0 = time.perf_counter()
         target = tracker.stage_target(k, prepared) if tracker is not None else None
-        if tracker is not None:
+        if tracker is not None and key is not None:
             tracker.log_experts(key, k)
         out = load_stage(directory, k)
         from_record = out is not None
         if out is None:
-            out = run_stage(cfg, prepared, directory, k, key, stages, progress, log_target=target)
+            out = run_stage(cfg, prepared, directory, k, key, stored, progress, log_target=target)
             save_stage(directory, k, out)
         seconds[f"stage_{k}"] = time.perf_counter() - t0
         if tracker is not None:
             tracker.on_stage(k, out, seconds[f"stage_{k}"], from_record)
         outcomes.append(out)
-        stages.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
+        stored.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
+        train_x, train_y = method.decode(method.stage_params(cfg, prepared.bundle.num_classes, k), out.images, out.labels)
+        stages.append(StageSet(train_x, train_y, lr=out.alpha, epochs=ev_epochs))
         if on_stage is not None:
             on_stage(k, out)
         if k < cfg.distill.num_stages:
             t0 = time.perf_counter()
-            key = run_transition(cfg, prepared, k, key, stages, progress)
+            key = run_transition(cfg, prepared, k, key, stages, progress, directory=directory, tracker=tracker)
             seconds[f"transition_{k}"] = time.perf_counter() - t0
             keys.append(key)
     b = prepared.bundle
@@ -397,5 +454,6 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
         recipe_from_config(cfg.evaluation, cfg.augment.strategy),
         cfg.evaluation.carry_optimizer_state,
         {"run_key": run_key(cfg), "expert_keys": keys, "config": cfg.model_dump(mode="json")},
+        decode=method.decode_info(method.stage_params(cfg, b.num_classes, 1)),
     )
     return DistillResult(directory, artifact, stages, outcomes, keys, seconds)

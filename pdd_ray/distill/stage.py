@@ -1,8 +1,10 @@
 """One PDD stage's synthetic-set optimisation: the per-worker loop run by Ray Train.
 
-Workers are trajectory-parallel: each holds the whole synthetic union, draws its own expert
-and start epoch, computes the matching gradient, and the gradients are averaged with an
-all-reduce before the (identical) optimiser step, so every worker keeps the same images.
+The loop is shared by every base method (``pdd_ray.distill.methods``); only the method's
+``update`` differs. Workers are data-parallel over the method's random draws (MTT: expert and
+start epoch; DM/IDC: networks and real batches): each holds the whole synthetic union,
+computes its gradient, and the gradients are averaged with an all-reduce before the
+(identical) optimiser step, so every worker keeps the same images.
 One worker is exactly a single process. Rank 0 alone evaluates on the validation split,
 keeps the best images, and writes checkpoints; every random draw derives from
 (seed, stage, iteration, rank), so a restart from a checkpoint continues the same sequence.
@@ -21,13 +23,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from pdd_ray.augment import DiffAugment
 from pdd_ray.device import pick_device
-from pdd_ray.distill.mtt import match
+from pdd_ray.distill.methods import BaseMethod, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
-from pdd_ray.experts.store import TrajectoryStore
-from pdd_ray.experts.trajectory import load_start_params
-from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe
@@ -45,9 +43,11 @@ class StageTask:
     """Everything a worker needs for one stage (sent once through ``train_loop_config``)."""
 
     stage: int
+    method: str  # a key of pdd_ray.distill.methods.METHODS
+    params: dict  # the method's settings for this stage (BaseMethod.stage_params)
     spec: ModelSpec
     store_root: str
-    expert_key: str
+    expert_key: str | None  # conditioning pool (experts / networks trained on S_<k); None: fresh nets
     expert_indices: list[int]
     frozen_images: torch.Tensor
     frozen_labels: torch.Tensor
@@ -55,14 +55,9 @@ class StageTask:
     new_labels: torch.Tensor
     val_ref: Any  # ObjectRef of (val_x, val_y): shipped once per node, not per config copy
     iterations: int
-    syn_steps: int
-    expert_epochs: int
-    max_start_epoch: int
     lr_img: float
     lr_lr: float
     lr_init: float
-    batch_syn: int
-    unroll: str
     eval_every: int
     eval_runs: int
     eval_recipe: TrainRecipe
@@ -70,6 +65,7 @@ class StageTask:
     augment: str
     seed: int
     use_gpu: bool
+    real_ref: Any = None  # ObjectRef of (train_x, train_y) real pool, for methods that read real data
     threads: int = 1
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
@@ -91,39 +87,24 @@ def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class _Experts:
-    """Lazily opened, memory-mapped expert readers of this stage."""
-
-    def __init__(self, task: StageTask) -> None:
-        self.store = TrajectoryStore(task.store_root)
-        self.key = task.expert_key
-        self.readers: dict[int, Any] = {}
-
-    def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
-        if index not in self.readers:
-            self.readers[index] = self.store.open(self.key, index)
-        return load_start_params(self.readers[index].params_at_epoch(epoch)).to(device)
-
-
-def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, experts: _Experts) -> float:
+def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, method: BaseMethod) -> float:
     """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α.
 
-    Networks start from the stage's experts' first snapshots: random inits at stage 1, models
-    already trained on S_<k later (so the in-loop check is itself progressive).
+    Networks start from the method's conditioned pool (random inits at stage 1, models already
+    trained on S_<k later), so the in-loop check is itself progressive.
     """
     val_x, val_y = ray.get(task.val_ref)
+    train_x, train_y = method.decode(task.params, union_x, union_y)
     accs = []
     for r in range(task.eval_runs):
-        idx = task.expert_indices[r % len(task.expert_indices)]
-        init = experts.params(idx, 0, torch.device("cpu"))
         scores = progressive_run(
             task.spec,
-            [StageSet(union_x, union_y, lr=alpha)],
+            [StageSet(train_x, train_y, lr=alpha)],
             task.eval_recipe,
             {"val": (val_x, val_y)},
             derive_seed(task.seed, "stage", task.stage, "validate", r),
             use_gpu=task.use_gpu,
-            init_params=init,
+            init_params=method.validation_init(r),
         )
         accs.append(scores["val"][-1])
     return float(sum(accs) / len(accs))
@@ -150,17 +131,17 @@ def stage_worker(config: dict) -> None:
     torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
     torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
 
-    flat_model = FlatModel(task.spec.build().to(device))
-    experts = _Experts(task)
-    dsa = DiffAugment(task.augment)
-    frozen_x = task.frozen_images.to(device)
-    frozen_y = task.frozen_labels.to(device)
-    new_y = task.new_labels.to(device)
+    method = method_class(task.method)(task, device)
     new_x = task.init_images.clone().to(device).requires_grad_(True)
     alpha = torch.tensor(task.lr_init, device=device, requires_grad=True)
     opt_img = torch.optim.SGD([new_x], lr=task.lr_img, momentum=0.5)
     opt_lr = torch.optim.SGD([alpha], lr=task.lr_lr, momentum=0.5)
     alpha_min = ALPHA_FLOOR * task.lr_init
+
+    def alpha_now() -> float:
+        """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
+        tensor would round 0.01 to 0.009999999776)."""
+        return float(alpha.detach()) if method.learns_alpha else float(task.lr_init)
 
     start_it = 0
     best = {"acc": -1.0, "iteration": -1, "images": new_x.detach().cpu().clone(), "alpha": float(task.lr_init)}
@@ -208,7 +189,7 @@ def stage_worker(config: dict) -> None:
             if rank == 0:
                 union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
                 union_y = torch.cat([task.frozen_labels, task.new_labels])
-                val_acc = validate(task, union_x, union_y, float(alpha.detach()), experts)
+                val_acc = validate(task, union_x, union_y, alpha_now(), method)
                 val_history.append((it, val_acc))
                 if task.progress is not None:
                     task.progress.update.remote(val_acc=val_acc)
@@ -216,7 +197,7 @@ def stage_worker(config: dict) -> None:
                     logger.metrics(it, val_acc=val_acc)
                     logger.images(it, new_x.detach().cpu(), task.new_labels)
                 if val_acc > best["acc"]:
-                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": float(alpha.detach())}
+                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": alpha_now()}
         if it == task.iterations:
             break
         if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
@@ -225,30 +206,27 @@ def stage_worker(config: dict) -> None:
                 raise RuntimeError(f"injected failure at iteration {it}")
 
         g = generator(derive_seed(task.seed, "stage", task.stage, "iter", it, "rank", rank))
-        pick = task.expert_indices[int(torch.randint(len(task.expert_indices), (1,), generator=g))]
-        t = int(torch.randint(task.max_start_epoch, (1,), generator=g))
-        start = experts.params(pick, t, device)
-        target = experts.params(pick, t + task.expert_epochs, device)
-        res = match(flat_model, start, target, frozen_x, frozen_y, new_x, new_y, alpha,
-                    task.syn_steps, task.batch_syn, dsa, g, unroll=task.unroll)
-        grad_x, grad_a, loss_t = _all_average(
-            [res.grad_images, res.grad_alpha.reshape(1), torch.tensor([res.loss], device=device)]
-        )
+        res = method.update(it, rank, new_x, alpha, g)
+        grad_a = res.grad_alpha.reshape(1) if res.grad_alpha is not None else torch.zeros(1, device=device)
+        grad_x, grad_a, loss_t = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)])
         new_x.grad = grad_x.contiguous()
-        alpha.grad = grad_a.reshape(())
         opt_img.step()
-        opt_lr.step()
         with torch.no_grad():
-            alpha.clamp_(min=alpha_min)
+            method.project(new_x)
+        if method.learns_alpha:
+            alpha.grad = grad_a.reshape(())
+            opt_lr.step()
+            with torch.no_grad():
+                alpha.clamp_(min=alpha_min)
         losses.append(float(loss_t))
         if rank == 0 and task.progress is not None:
-            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=float(alpha.detach()))
+            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=alpha_now())
         if logger is not None:
-            logger.metrics(it + 1, loss=losses[-1], alpha=float(alpha.detach()), grad_norm=float(grad_x.norm()))
+            logger.metrics(it + 1, loss=losses[-1], alpha=alpha_now(), grad_norm=float(grad_x.norm()))
 
         done_it = it + 1
         if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
-            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": float(alpha.detach()),
+            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": alpha_now(),
                        "grad_norm": float(grad_x.norm()), "val_acc": val_acc, "best_val_acc": best["acc"]}
             if rank == 0:
                 if logger is not None:
@@ -257,7 +235,7 @@ def stage_worker(config: dict) -> None:
             else:
                 ray.train.report(metrics, checkpoint=None)
 
-    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": float(alpha.detach()),
+    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": alpha_now(),
              "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": best["acc"]}
     if rank == 0:
         if logger is not None:

@@ -27,6 +27,7 @@ class Trajectory:
     val_acc: list[float] = field(default_factory=list)  # per recorded row
     final_train_acc: float = float("nan")
     final_val_acc: float = float("nan")
+    correct: np.ndarray | None = None  # (real epochs, n) bool: training-pass correctness (forgetting)
 
 
 @dataclass
@@ -56,7 +57,9 @@ def record_trajectory(
     The initialisation comes from ``init_params`` when given, else from ``seed`` alone, so
     the same (seed, settings) gives a bit-identical trajectory on any worker. ``warmup``
     trains on synthetic data first (its own optimiser); the recorded real-data phase then
-    uses a fresh optimiser, as in the paper's transition.
+    uses a fresh optimiser, as in the paper's transition. Every real-data epoch also records
+    whether each training example was classified correctly in its minibatch's training
+    forward pass (``Trajectory.correct``, for forgetting scores); the warm-up is not recorded.
     """
     device = pick_device(use_gpu)
     model = build_seeded(spec, derive_seed(seed, "init")).to(device)
@@ -76,13 +79,19 @@ def record_trajectory(
             epochs.append(e + 1)
             val_acc.append(accuracy(model, val_x, val_y))
 
-    train(model, train_x.to(device), train_y.to(device), recipe, g, on_epoch=on_epoch)
+    correct = torch.zeros(recipe.epochs, train_x.shape[0], dtype=torch.bool, device=device)
+
+    def on_batch(e: int, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        correct[e, idx] = ok  # stays on the device: no sync per batch
+
+    train(model, train_x.to(device), train_y.to(device), recipe, g, on_epoch=on_epoch, on_batch=on_batch)
     return Trajectory(
         params=np.stack(rows).astype(np.float32, copy=False),
         epochs=epochs,
         val_acc=val_acc,
         final_train_acc=accuracy(model, train_x, train_y),
         final_val_acc=accuracy(model, val_x, val_y),
+        correct=correct.cpu().numpy(),
     )
 
 

@@ -39,5 +39,9 @@ class AlexNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_ch, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input (pooled, flattened features)."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        return self.classifier(self.embed(x))

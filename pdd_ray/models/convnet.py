@@ -70,6 +70,10 @@ class ConvNet(nn.Module):
         side = image_size >> depth
         self.classifier = nn.Linear(width * side * side, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input: flattened conv features (DM matches their class means)."""
         # flatten, not .view: channels-last (non-contiguous) activations must work too.
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return torch.flatten(self.features(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))

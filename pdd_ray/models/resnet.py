@@ -61,6 +61,9 @@ class ResNet18(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(STAGE_WIDTHS[-1], num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input (pooled, flattened features)."""
+        return torch.flatten(self.pool(self.layers(self.stem(x))), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pool(self.layers(self.stem(x)))
-        return self.classifier(torch.flatten(out, 1))
+        return self.classifier(self.embed(x))

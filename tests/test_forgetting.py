@@ -1,0 +1,174 @@
+"""Forgetting-score discarding: counts, the kept subset, zero-cost recording, the real pool."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from pdd_ray.config import load_config
+from pdd_ray.errors import PddError
+from pdd_ray.forgetting import (
+    aggregate,
+    counts_path,
+    drop_count,
+    forgetting_counts,
+    kept_indices,
+    read_counts,
+)
+from pdd_ray.training import TrainRecipe, train
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_counts_on_a_hand_made_matrix():
+    correct = np.array(
+        [  # epochs x examples
+            [1, 1, 0, 0, 0, 1],
+            [1, 0, 0, 1, 0, 1],
+            [1, 1, 0, 1, 0, 0],
+            [1, 0, 0, 0, 1, 0],
+        ],
+        dtype=bool,
+    )
+    # 0: always right; 1: forgotten twice; 2: never learned -> epochs + 1; 3: learned then
+    # forgotten once; 4: learned in the last epoch only; 5: forgotten once and never relearned
+    assert forgetting_counts(correct).tolist() == [0, 2, 5, 1, 0, 1]
+    assert forgetting_counts(correct).dtype == np.int64
+    assert aggregate([forgetting_counts(correct), np.arange(6)]).tolist() == [0, 3, 7, 4, 4, 6]
+    with pytest.raises(PddError, match="different shapes"):
+        aggregate([np.zeros(3), np.zeros(4)])
+    with pytest.raises(PddError, match="matrix"):
+        forgetting_counts(np.zeros(5, dtype=bool))
+
+
+def test_kept_indices_drop_exactly_the_lowest_counts_deterministically():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 4, size=101)  # many ties
+    for fraction in (0.0, 0.1, 0.3, 0.5, 0.99):
+        kept = kept_indices(counts, fraction, seed=7)
+        drop = math.floor(fraction * 101)
+        assert kept.shape == (101 - drop,)
+        assert np.all(np.diff(kept) > 0)  # sorted, unique
+        dropped = np.setdiff1d(np.arange(101), kept)
+        assert dropped.shape == (drop,)
+        if drop:
+            assert counts[dropped].max() <= counts[kept].min()  # only lowest-count ones go
+        assert np.array_equal(kept, kept_indices(counts, fraction, seed=7))
+    # ties are broken by the seed: some seed picks a different subset among the tied ones
+    base = kept_indices(counts, 0.3, seed=7)
+    assert any(not np.array_equal(base, kept_indices(counts, 0.3, seed=s)) for s in range(1, 5))
+    # exact decimal floor: 0.29 * 100 is 28.999... in binary floating point
+    assert drop_count(0.29, 100) == 29 and kept_indices(np.zeros(100), 0.29, 0).shape == (71,)
+    assert kept_indices(np.zeros(0), 0.5, 0).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), True, "0.3"])
+def test_bad_fractions_are_one_line_errors(bad):
+    with pytest.raises(PddError) as err:
+        kept_indices(np.zeros(10), bad, 0)
+    msg = str(err.value)
+    assert "\n" not in msg and repr(bad) in msg and "[0, 1)" in msg
+
+
+def test_recording_changes_neither_weights_nor_rng_stream(one_thread):
+    torch.manual_seed(0)
+    x = torch.randn(50, 3, 8, 8)
+    y = torch.randint(0, 4, (50,))
+    recipe = TrainRecipe(epochs=3, lr=0.1, batch_size=16, augment="crop_scale_rotate")
+
+    def run(hook):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+        g = torch.Generator().manual_seed(2)
+        train(model, x, y, recipe, g, on_batch=hook)
+        return [p.detach().clone() for p in model.parameters()], torch.randint(0, 2**31, (4,), generator=g)
+
+    seen = torch.zeros(3, 50, dtype=torch.int64)
+
+    def hook(e, idx, correct):
+        assert correct.dtype == torch.bool and correct.shape == idx.shape
+        seen[e, idx] += 1
+
+    plain, plain_next = run(None)
+    hooked, hooked_next = run(hook)
+    for a, b in zip(plain, hooked):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bit-identical
+    assert torch.equal(plain_next, hooked_next)  # the generator was drawn from identically
+    assert torch.equal(seen, torch.ones(3, 50, dtype=torch.int64))  # every example once per epoch
+
+
+def test_discard_fraction_config_errors():
+    with pytest.raises(PddError) as err:
+        load_config("digits", ["distill.discard_fraction=1.5"])
+    msg = str(err.value)
+    assert "\n" not in msg and "distill.discard_fraction" in msg and "1.5" in msg
+    with pytest.raises(PddError, match="distill.discard_from_stage"):
+        load_config("digits", ["distill.discard_from_stage=1"])
+    cfg = load_config("digits")
+    assert cfg.distill.discard_fraction == 0.0 and cfg.distill.discard_from_stage == 2
+
+
+def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
+    from pdd_ray.distill import driver
+    from pdd_ray.evaluation import StageSet, random_subset
+    from pdd_ray.experts.produce import base_settings, expert_store_root, produce, real_pool, stage1_experts
+    from pdd_ray.experts.store import TrajectoryStore, store_key
+    from pdd_ray.prepare import prepare
+
+    overrides = tiny_overrides(str(tmp_path / "out"))
+    cfg = load_config("digits", overrides + ["distill.discard_fraction=0.3"])
+    cfg0 = load_config("digits", overrides)
+    prepared = prepare(cfg)
+    b = prepared.bundle
+    n = b.train_x.shape[0]
+    key, _ = stage1_experts(cfg, prepared, progress=False)
+    assert stage1_experts(cfg0, prepared, progress=False) == (key, [])  # same stage-1 key: nothing retrained
+    store = TrajectoryStore(expert_store_root(cfg))
+    for j in range(cfg.experts.num_experts):
+        counts = read_counts(store, key, j)
+        assert counts.shape == (n,)
+        assert counts.min() >= 0 and counts.max() <= cfg.experts.epochs + 1
+
+    assert real_pool(cfg, prepared, 1) is None and real_pool(cfg0, prepared, 2) is None
+    pool = real_pool(cfg, prepared, 2)
+    assert pool.dtype == torch.int64 and pool.shape == (n - math.floor(0.3 * n),)
+    assert torch.equal(pool, real_pool(cfg, prepared, 3))  # same subset at every later stage
+
+    ux, uy = random_subset(b, 1, 123)
+    union = [StageSet(ux, uy, lr=0.01, epochs=5)]
+    jobs = driver.transition_jobs(cfg, prepared, 1, key, union)
+    jobs0 = driver.transition_jobs(cfg0, prepared, 1, key, union)
+    assert len(jobs) == cfg.experts.num_experts
+    assert all(torch.equal(j.pool, pool) for j in jobs) and all(j.pool is None for j in jobs0)
+    assert jobs[0].key != jobs0[0].key  # the kept subset is part of the key
+    # with fraction 0 the key is exactly what it was before discarding existed
+    union_digest = store_key({"images": driver._digest(ux), "labels": driver._digest(uy), "alpha": 0.01})
+    old = store_key({**base_settings(cfg0, prepared), "kind": "transition", "stage": 2, "prev": key,
+                     "union": union_digest, "warmup": asdict(jobs0[0].warmup.recipe),
+                     "recipe": asdict(jobs0[0].recipe)})
+    assert jobs0[0].key == old
+
+    # one transition expert really trains on the kept subset only
+    produce(store, jobs[:1], prepared, progress=False)
+    t_counts = read_counts(store, jobs[0].key, 0)
+    outside = np.setdiff1d(np.arange(n), pool.numpy())
+    assert (t_counts[outside] == -1).all() and (t_counts[pool.numpy()] >= 0).all()
+
+    # a store written before counts existed: a one-line error naming the fix
+    for j in range(cfg.experts.num_experts):
+        (tmp_path / "out" / "experts" / counts_path(key, j)).unlink()
+    with pytest.raises(PddError) as err:
+        real_pool(cfg, prepared, 2)
+    assert "\n" not in str(err.value) and "fresh store" in str(err.value)
