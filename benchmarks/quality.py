@@ -3,9 +3,11 @@
 Compares, for each total IPC T (``--total-ipc 10 20``):
 
 * random real subset, T images per class;
-* MTT (P = 1): one stage of T images per class, ``budget`` iterations;
-* PDD (P = 2, 5, ...): P stages of T / P images per class, ``budget / P`` iterations each
-  (so every method spends the same total number of distillation iterations);
+* each base method (``--methods mtt dm idc``) with P = 1: one stage of T images per class,
+  ``budget`` iterations;
+* PDD on that base (P = 2, 5, ...): P stages of T / P images per class, ``budget / P``
+  iterations each (so every method spends the same total number of distillation iterations),
+  optionally with forgetting-score discarding (``--discard 0 0.1 0.3``, P >= 2 rows only);
 * full training data (once; it does not depend on T).
 
 Everything else is the digits preset unchanged and identical across methods (experts:
@@ -22,6 +24,7 @@ Accuracies are test accuracy (mean ± population std over runs) from the shared 
 selection inside distillation uses the validation split only.
 
     python benchmarks/quality.py [--total-ipc 10 20] [--budget 200] [--runs 5] [--stages 1 2 5]
+                                 [--methods mtt dm idc] [--discard 0 0.1 0.3] [--no-random]
                                  [--storage DIR] [--out benchmarks/results/quality.json]
 """
 
@@ -61,8 +64,15 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def method_name(p: int) -> str:
-    return "MTT (P = 1)" if p == 1 else f"PDD (P = {p})"
+def method_name(p: int, base: str = "mtt", discard: float = 0.0) -> str:
+    """"MTT (P = 1)", "PDD+MTT (P = 2)", "PDD+DM (P = 2), discard 30%"...; MTT rows keep the
+    historical "PDD (P = p)" label so earlier tables stay comparable."""
+    b = base.upper()
+    if p == 1:
+        name = f"{b} (P = 1)"
+    else:
+        name = f"PDD (P = {p})" if base == "mtt" else f"PDD+{b} (P = {p})"
+    return name + (f", discard {discard * 100:.0f}%" if discard else "")
 
 
 def acc(res: EvalResult) -> dict:
@@ -79,9 +89,12 @@ def acc(res: EvalResult) -> dict:
     return out
 
 
-def config_for(args, total_ipc: int, p: int) -> PddConfig:
+def config_for(args, total_ipc: int, p: int, base: str = "mtt", discard: float = 0.0) -> PddConfig:
+    extra = "".join("-" + kv.replace("=", "").replace(".", "_") for kv in args.set)
     return load_config("digits", [
-        f"name=quality-ipc{total_ipc}-p{p}",
+        f"name=quality-{base}-ipc{total_ipc}-p{p}" + (f"-discard{discard:g}" if discard else "") + extra,
+        f"method={base}",
+        f"distill.discard_fraction={discard}",
         f"storage={args.storage}",
         f"seed={args.seed}",
         f"distill.num_stages={p}",
@@ -89,6 +102,7 @@ def config_for(args, total_ipc: int, p: int) -> PddConfig:
         f"distill.iterations={args.budget // p}",
         f"evaluation.runs={args.runs}",
         "tracking.enabled=false",
+        *args.set,
     ])
 
 
@@ -132,13 +146,18 @@ def markdown(result: dict) -> str:
                   "| method | stages × IPC | iterations / stage | test acc after each stage | final test acc | "
                   "distill s | eval s | wall s |",
                   "|---|---|---|---|---|---|---|---|"]
-        r = block["random"]
-        lines.append(f"| random subset | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
-                     f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
+        r = block.get("random")
+        if r:
+            lines.append(f"| random subset | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
+                         f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
         for m in block["methods"]:
             curve = " → ".join(f"{v:.2f}" for v in m["accuracy"]["test_mean"])
+            label = m["method"]
+            if m.get("discard_fraction") and m.get("real_examples"):
+                later = m["real_examples"].get(f"stage_{m['stages']}")
+                label += f" ({later} real examples in later stages)"
             lines.append(
-                f"| {m['method']} | {m['stages']} × {m['ipc_per_stage']} | {m['iterations_per_stage']} | {curve} | "
+                f"| {label} | {m['stages']} × {m['ipc_per_stage']} | {m['iterations_per_stage']} | {curve} | "
                 f"{fmt(m['accuracy']['final_test_mean'], m['accuracy']['final_test_std'])} | "
                 f"{m['seconds']['distill']:.0f} | {m['seconds']['evaluation']:.0f} | {m['seconds']['wall']:.0f}"
                 f"{' (resumed)' if m['resumed_stages'] else ''} |")
@@ -160,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--storage", type=Path, default=None,
                     help="where experts and runs go (default: a temporary directory, removed at the end)")
+    ap.add_argument("--methods", nargs="+", default=["mtt"], choices=["mtt", "dm", "idc"],
+                    help="base methods, each at every --stages (default mtt)")
+    ap.add_argument("--discard", type=float, nargs="+", default=[0.0],
+                    help="forgetting-score discard fractions, applied to P >= 2 rows (default 0)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every distilled row (e.g. idc.factor=1)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-data baseline")
+    ap.add_argument("--no-random", action="store_true", help="skip the random-subset baseline")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     ap.add_argument("--md", type=Path, default=None, help="markdown table (default: --out with .md)")
     args = ap.parse_args(argv)
@@ -227,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.total_ipc:
             block: dict = {"total_ipc": t, "methods": []}
             result["settings"].append(block)
-            t0 = time.perf_counter()
-            rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False)
-            block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0}
-            print(f"[ipc {t}] random subset: {fmt(block['random']['final_test_mean'], block['random']['final_test_std'])}"
-                  f" ({block['random']['seconds']:.0f} s)", flush=True)
-            save()
-            for p in args.stages:
-                cfg = config_for(args, t, p)
+            if not args.no_random:
+                t0 = time.perf_counter()
+                rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False)
+                block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0}
+                print(f"[ipc {t}] random subset: "
+                      f"{fmt(block['random']['final_test_mean'], block['random']['final_test_std'])}"
+                      f" ({block['random']['seconds']:.0f} s)", flush=True)
+                save()
+            rows = [(b, p, f) for b in args.methods for p in args.stages for f in args.discard if p > 1 or f == 0]
+            for base_method, p, discard in rows:
+                cfg = config_for(args, t, p, base_method, discard)
                 directory = run_dir(cfg)
                 resumed = [k for k in range(1, p + 1) if (directory / f"stage_{k}" / "manifest.json").is_file()]
                 t0 = time.perf_counter()
@@ -244,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                 pdd = evaluate_distilled(cfg, prepared, dres, progress=False)["convnet"]
                 t_eval = time.perf_counter() - t0
                 m = {
-                    "method": method_name(p),
+                    "method": method_name(p, base_method, discard) + "".join(f", {kv}" for kv in args.set),
+                    "overrides": list(args.set),
+                    "base": base_method,
+                    "discard_fraction": discard,
+                    "real_examples": json.loads((dres.directory / "real_examples.json").read_text())
+                    if (dres.directory / "real_examples.json").is_file() else None,
                     "stages": p,
                     "ipc_per_stage": t // p,
                     "iterations_per_stage": args.budget // p,
