@@ -231,7 +231,7 @@ def test_later_stages_draw_the_matching_network_from_the_pool():
 # end to end: two tiny stages through the driver
 # ----------------------------------------------------------------------------------------------
 
-IDC_OVERRIDES = ["method=idc", "idc.batch_real=16", "idc.inner_loop=2", "idc.net_steps=1",
+IDC_OVERRIDES = ["method=idc", "idc.factor=2", "idc.batch_real=16", "idc.inner_loop=2", "idc.net_steps=1",
                  "idc.batch_train=64", "distill.iterations=4"]
 
 
