@@ -153,18 +153,21 @@ class ProgressBoard:
 def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -> None:
     bar = tqdm(total=total, desc=desc, unit="it", disable=not enabled)
     last = 0
+    shown: dict = {}
     while not stop.is_set():
         try:
             s = ray.get(board.get.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - the bar is cosmetic; never break the run for it
             s = {}
         it = int(s.get("iteration", last))
+        post = {k: f"{v:.4g}" for k, v in s.items() if k in ("loss", "alpha", "val_acc") and v == v}
+        # redraw only on news, once: job logs are not a TTY and keep every redraw as a line
+        if post and post != shown:
+            bar.set_postfix(post, refresh=it <= last)
+            shown = post
         if it > last:
             bar.update(it - last)
             last = it
-        post = {k: f"{v:.4g}" for k, v in s.items() if k in ("loss", "alpha", "val_acc") and v == v}
-        if post:
-            bar.set_postfix(post)
         stop.wait(0.5)
     bar.update(max(0, total - last))
     bar.close()
