@@ -43,14 +43,15 @@ class RunReport:
         rows = []
         if self.random is not None:
             rows.append(("random subset", f"ipc {self.random.name.removeprefix('random ipc')}", *self.random.final))
-        ipc = self.distilled.stages[0].images.shape[0]
-        n_classes = len(set(self.distilled.stages[0].labels.tolist()))
-        per_stage = ipc // max(1, n_classes)
+        n_classes = max(1, len(set(self.distilled.stages[0].labels.tolist())))
+        stored = self.distilled.outcomes[0].images.shape[0] // n_classes  # the budget (IDC stores fewer)
+        decoded = self.distilled.stages[0].images.shape[0] // n_classes  # what networks train on
         for arch, res in self.pdd.items():
             means, stds = res.mean() * 100, res.std() * 100
             for k in range(len(means)):
+                setting = f"ipc {stored * (k + 1)}" + (f" ({decoded * (k + 1)} decoded)" if decoded != stored else "")
                 rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]"),
-                             f"ipc {per_stage * (k + 1)}", float(means[k]), float(stds[k])))
+                             setting, float(means[k]), float(stds[k])))
         if self.full is not None:
             rows.append(("full data", "all images", *self.full.final))
         return rows

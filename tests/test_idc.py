@@ -289,3 +289,17 @@ def test_artifact_holds_decoded_images_and_records_the_decode(idc_run):
     dec = art.manifest["decode"]
     assert dec["kind"] == "multiformation" and dec["factor"] == cfg.idc.factor
     assert dec["stored_images_per_class"] == cfg.distill.ipc_per_stage
+
+
+def test_run_table_counts_stored_images_and_shows_the_decoded_ones(idc_run):
+    """The budget is stored images per class (what the random baseline is compared at)."""
+    import numpy as np
+
+    from pdd_ray.evaluation import EvalResult
+    from pdd_ray.pipeline import RunReport
+
+    cfg, _, result, _ = idc_run
+    scores = {"test": np.full((2, 2), 0.5)}
+    rows = RunReport(result, {"convnet": EvalResult("pdd", "convnet", scores)}, None, None).rows()
+    ipc, f2 = cfg.distill.ipc_per_stage, cfg.idc.factor**2
+    assert [r[1] for r in rows] == [f"ipc {ipc} ({ipc * f2} decoded)", f"ipc {2 * ipc} ({2 * ipc * f2} decoded)"]
