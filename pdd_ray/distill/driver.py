@@ -316,7 +316,7 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
     d, ev = cfg.distill, cfg.evaluation
     store = TrajectoryStore(expert_store_root(cfg))
     trajectories = method_class(d.method).needs_trajectories
-    prev = store.indices(prev_key) if prev_key else list(range(d.transition_experts or cfg.experts.num_experts))
+    prev = store.indices(prev_key) if prev_key else list(range(cfg.experts.num_experts))
     if d.transition_experts is not None:
         prev = prev[: d.transition_experts]
     alpha = union[-1].lr
@@ -360,7 +360,8 @@ def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | N
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, f"transition {k}->{k + 1}", progress)
     if directory is not None and jobs:  # the experts' real data (MTT) or the matched real batches (DM, IDC)
-        n = real_examples(cfg, prepared, k + 1)
+        pool = jobs[0].pool  # already selected for the experts' real epochs; else read the counts
+        n = int(pool.numel()) if pool is not None else real_examples(cfg, prepared, k + 1)
         record_real_examples(directory, k + 1, n, prepared.bundle.train_x.shape[0], tracker, progress)
     return jobs[0].key
 
@@ -405,20 +406,20 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
     (directory / "config.yaml").write_text(dump_config(cfg))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    method = method_class(cfg.distill.method)
     key: str | None = None  # stage 1's conditioning pool: none (fresh networks) unless the method matches trajectories
-    if method_class(cfg.distill.method).needs_trajectories:
+    if method.needs_trajectories:
         key, summaries = stage1_experts(cfg, prepared, progress=progress)
         if tracker is not None:
             tracker.log_expert_summaries(key, summaries)
     elif cfg.distill.discard_fraction > 0:  # the forgetting counts come from stage-1 experts' real-data training
-        _, summaries = stage1_experts(cfg, prepared, progress=progress)
+        stage1_experts(cfg, prepared, progress=progress)
     seconds["experts"] = time.perf_counter() - t0
     n_real = prepared.bundle.train_x.shape[0]
     record_real_examples(directory, 1, real_examples(cfg, prepared, 1), n_real, tracker, progress)
     keys = [key]
     stages: list[StageSet] = []  # decoded training images: what evaluation, transitions and the artifact use
     stored: list[StageSet] = []  # what each stage optimised: later stages freeze these
-    method = method_class(cfg.distill.method)
     outcomes: list[StageOutcome] = []
     ev_epochs = cfg.evaluation.epochs_per_stage
     for k in range(1, cfg.distill.num_stages + 1):
