@@ -1,4 +1,5 @@
-"""Distilled-data quality on digits at equal total IPC and equal distillation-iteration budget.
+"""Distilled-data quality on digits at equal total IPC, equal distillation-iteration budget and
+equal training budget.
 
 Compares, for each total IPC T (``--total-ipc 10 20``):
 
@@ -8,12 +9,19 @@ Compares, for each total IPC T (``--total-ipc 10 20``):
 * PDD on that base (P = 2, 5, ...): P stages of T / P images per class, ``budget / P``
   iterations each (so every method spends the same total number of distillation iterations),
   optionally with forgetting-score discarding (``--discard 0 0.1 0.3``, P >= 2 rows only);
-* full training data (once; it does not depend on T).
+* full training data (once; it does not depend on T), with its own recipe
+  (``evaluation.full_epochs``).
+
+Equal training budget (``--eval-epochs E``, default 600): every row except full data trains
+its evaluation networks for E epochs in total -- a P-stage set E / P epochs per stage
+(``evaluation.epochs_per_stage``, see ``pdd_ray.evaluation.epochs_per_stage_for``), the random
+subset and P = 1 rows E epochs in their one stage. E = 600 leaves the digits preset's P = 2
+recipe (2 x 300) unchanged.
 
 Everything else is the digits preset unchanged and identical across methods (experts:
 8 x 20 epochs at lr 0.1; matching: max_start_epoch 6, expert_epochs 2, syn_steps 20, lr_img,
-lr_lr, lr_init, eval_every 50 selection on the validation split; evaluation: 5 runs x 300 epochs
-per stage), so only the stage split differs. No per-method tuning.
+lr_lr, lr_init, eval_every 50 selection on the validation split; evaluation: 5 runs, E epochs per
+row), so only the stage split differs. No per-method tuning.
 
 Each method is distilled with ``pdd_ray.distill.driver.distill`` and evaluated with
 ``pdd_ray.pipeline.evaluate_distilled`` -- exactly the body of ``pdd_ray.pipeline.run`` minus
@@ -23,7 +31,7 @@ methods share the expert settings, so they are produced once, timed separately, 
 Accuracies are test accuracy (mean ± population std over runs) from the shared evaluator;
 selection inside distillation uses the validation split only.
 
-    python benchmarks/quality.py [--total-ipc 10 20] [--budget 200] [--runs 5] [--stages 1 2 5]
+    python benchmarks/quality.py [--total-ipc 10 20] [--budget 200] [--eval-epochs 600] [--runs 5] [--stages 1 2 5]
                                  [--methods mtt dm idc] [--discard 0 0.1 0.3] [--no-random]
                                  [--storage DIR] [--out benchmarks/results/quality.json]
 """
@@ -49,7 +57,12 @@ import torch  # noqa: E402
 
 from pdd_ray.config import PddConfig, load_config  # noqa: E402
 from pdd_ray.distill.driver import distill, run_dir  # noqa: E402
-from pdd_ray.evaluation import EvalResult, evaluate_full_baseline, evaluate_random_baseline  # noqa: E402
+from pdd_ray.evaluation import (  # noqa: E402
+    EvalResult,
+    epochs_per_stage_for,
+    evaluate_full_baseline,
+    evaluate_random_baseline,
+)
 from pdd_ray.experts.produce import expert_store_root, stage1_experts, stage1_jobs  # noqa: E402
 from pdd_ray.experts.store import TrajectoryStore  # noqa: E402
 from pdd_ray.pipeline import evaluate_distilled  # noqa: E402
@@ -100,6 +113,7 @@ def config_for(args, total_ipc: int, p: int, base: str = "mtt", discard: float =
         f"distill.num_stages={p}",
         f"distill.ipc_per_stage={total_ipc // p}",
         f"distill.iterations={args.budget // p}",
+        f"evaluation.epochs_per_stage={epochs_per_stage_for(args.eval_epochs, p)}",
         f"evaluation.runs={args.runs}",
         "tracking.enabled=false",
         *args.set,
@@ -130,8 +144,11 @@ def fmt(mu: float, sd: float) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# Distilled-data quality on digits (equal total IPC, equal iteration budget)",
+        "# Distilled-data quality on digits (equal total IPC, equal iteration and training budget)",
         "",
+        f"Training budget {result['eval_epochs']} evaluation epochs per row (a P-stage set trains "
+        f"{result['eval_epochs']} / P epochs per stage, random subset and P = 1 all {result['eval_epochs']} in one "
+        f"stage; full data its own {result['shared_settings']['evaluation']['full_epochs']} epochs). "
         f"Budget {result['budget']} distillation iterations in total per method (iterations per stage = budget / P); "
         f"{result['runs']} evaluation runs each, test accuracy % (mean ± std). Experts: {result['experts']['experts']} "
         f"x {result['experts']['final_epoch']} epochs, val acc {result['experts']['val_acc_at_reach']:.2f}% at epoch "
@@ -143,12 +160,12 @@ def markdown(result: dict) -> str:
     for block in result["settings"]:
         t = block["total_ipc"]
         lines += [f"## total IPC {t}", "",
-                  "| method | stages × IPC | iterations / stage | test acc after each stage | final test acc | "
-                  "distill s | eval s | wall s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | stages × IPC | iterations / stage | epochs / stage | test acc after each stage | "
+                  "final test acc | distill s | eval s | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         r = block.get("random")
         if r:
-            lines.append(f"| random subset | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
+            lines.append(f"| random subset | 1 × {t} | – | {r.get('epochs', '–')} | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
                          f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
         for m in block["methods"]:
             curve = " → ".join(f"{v:.2f}" for v in m["accuracy"]["test_mean"])
@@ -157,13 +174,14 @@ def markdown(result: dict) -> str:
                 later = m["real_examples"].get(f"stage_{m['stages']}")
                 label += f" ({later} real examples in later stages)"
             lines.append(
-                f"| {label} | {m['stages']} × {m['ipc_per_stage']} | {m['iterations_per_stage']} | {curve} | "
+                f"| {label} | {m['stages']} × {m['ipc_per_stage']} | {m['iterations_per_stage']} | "
+                f"{m.get('epochs_per_stage', '–')} | {curve} | "
                 f"{fmt(m['accuracy']['final_test_mean'], m['accuracy']['final_test_std'])} | "
                 f"{m['seconds']['distill']:.0f} | {m['seconds']['evaluation']:.0f} | {m['seconds']['wall']:.0f}"
                 f"{' (resumed)' if m['resumed_stages'] else ''} |")
         f = result.get("full")
         if f:
-            lines.append(f"| full data | all images | – | – | {fmt(f['final_test_mean'], f['final_test_std'])} | – | "
+            lines.append(f"| full data | all images | – | {f.get('epochs', '–')} | – | {fmt(f['final_test_mean'], f['final_test_std'])} | – | "
                          f"{f['seconds']:.0f} | {f['seconds']:.0f} |")
         lines.append("")
     lines += ["Wall times are on a 2-core machine shared with other jobs; they are indicative only.", ""]
@@ -175,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-ipc", type=int, nargs="+", default=[10], help="total images per class (default 10)")
     ap.add_argument("--budget", type=int, default=200, help="total distillation iterations per method (default 200)")
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 5], help="stage counts P (1 = MTT; default 1 2 5)")
+    ap.add_argument("--eval-epochs", type=int, default=600,
+                    help="training budget: evaluation epochs per row in total, E / P per stage (default 600)")
     ap.add_argument("--runs", type=int, default=5, help="evaluation runs per method (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--storage", type=Path, default=None,
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.stages:
         if args.budget % p:
             ap.error(f"--budget {args.budget} is not divisible by P = {p}")
+        if args.eval_epochs % p:
+            ap.error(f"--eval-epochs {args.eval_epochs} is not divisible by P = {p}")
     md_path = args.md or args.out.with_suffix(".md")
     temp_storage = args.storage is None
     args.storage = Path(tempfile.mkdtemp(prefix="pdd-bench-quality-")) if temp_storage else args.storage.resolve()
@@ -209,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality",
         "dataset": "digits",
         "budget": args.budget,
+        "eval_epochs": args.eval_epochs,
         "runs": args.runs,
         "seed": args.seed,
         "storage": str(args.storage) if not temp_storage else None,
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_full:
             t0 = time.perf_counter()
             full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, args.seed, progress=False)
-            result["full"] = {**acc(full), "seconds": time.perf_counter() - t0}
+            result["full"] = {**acc(full), "seconds": time.perf_counter() - t0, "epochs": ev.full_epochs}
             print(f"full data: {fmt(result['full']['final_test_mean'], result['full']['final_test_std'])} "
                   f"({result['full']['seconds']:.0f} s)", flush=True)
             save()
@@ -255,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             result["settings"].append(block)
             if not args.no_random:
                 t0 = time.perf_counter()
-                rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False)
-                block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0}
+                rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False,
+                                               epochs=args.eval_epochs)
+                block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0, "epochs": args.eval_epochs}
                 print(f"[ipc {t}] random subset: "
                       f"{fmt(block['random']['final_test_mean'], block['random']['final_test_std'])}"
                       f" ({block['random']['seconds']:.0f} s)", flush=True)
@@ -282,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     "stages": p,
                     "ipc_per_stage": t // p,
                     "iterations_per_stage": args.budget // p,
+                    "epochs_per_stage": cfg.evaluation.epochs_per_stage,
+                    "eval_epochs": cfg.evaluation.epochs_per_stage * p,
                     "total_iterations": (args.budget // p) * p,
                     "accuracy": acc(pdd),
                     "stage_outcomes": [{"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc * 100,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pdd_ray.config import EvalConfig
 from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
+from pdd_ray.errors import PddError
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe, accuracy, train
@@ -209,12 +210,44 @@ def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: 
 
 
 def evaluate_random_baseline(
-    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True
+    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True,
+    epochs: int | None = None,
 ) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
-    paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it."""
+    paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
+
+    ``epochs``: the one stage's length; pass :func:`budget_epochs` of the set it is compared
+    with (equal training budget). Default: one stage of ``cfg.epochs_per_stage``.
+    """
     x, y = random_subset(bundle, ipc, seed)
-    return _evaluate_baseline(f"random ipc{ipc}", StageSet(x, y, lr=cfg.lr), bundle, spec, cfg, augment, seed, progress)
+    stage = StageSet(x, y, lr=cfg.lr, epochs=epochs)
+    return _evaluate_baseline(f"random ipc{ipc}", stage, bundle, spec, cfg, augment, seed, progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Equal training budget: every row of a comparison table trains for the same number of epochs
+# ----------------------------------------------------------------------------------------------
+
+
+def budget_epochs(cfg: EvalConfig, num_stages: int) -> int:
+    """Total evaluation epochs of a ``num_stages``-stage set: ``num_stages x epochs_per_stage``.
+
+    A one-stage set compared with it (random subset, P = 1, a base method without PDD) trains
+    this many epochs in its one stage, so a table never credits PDD with longer training.
+    """
+    return num_stages * cfg.epochs_per_stage
+
+
+def epochs_per_stage_for(total_epochs: int, num_stages: int) -> int:
+    """``evaluation.epochs_per_stage`` that gives a ``num_stages``-stage set ``total_epochs`` in total.
+
+    Used by tables with rows of different P (``benchmarks/quality.py --eval-epochs``); a total
+    the stage count does not divide is refused rather than rounded (rows would differ).
+    """
+    if total_epochs < num_stages or total_epochs % num_stages:
+        raise PddError(f"training budget {total_epochs} epochs is not divisible into {num_stages} stages; "
+                       f"use a multiple of {num_stages}")
+    return total_epochs // num_stages
 
 
 def evaluate_full_baseline(

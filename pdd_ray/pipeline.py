@@ -17,6 +17,7 @@ from pdd_ray.config import PddConfig
 from pdd_ray.distill.driver import DistillResult, distill
 from pdd_ray.evaluation import (
     EvalResult,
+    budget_epochs,
     evaluate_full_baseline,
     evaluate_progressive,
     evaluate_random_baseline,
@@ -37,6 +38,7 @@ class RunReport:
     random: EvalResult | None  # None when baselines were skipped (sweep trials)
     full: EvalResult | None
     seconds: dict[str, float] = field(default_factory=dict)
+    budget_epochs: int | None = None  # evaluation epochs every distilled/random row trains (equal budget)
 
     def rows(self) -> list[tuple[str, str, float, float]]:
         """Table rows: random subset, PDD after each stage (per arch), full data."""
@@ -68,6 +70,7 @@ class RunReport:
             "random": self.random.to_dict() if self.random is not None else None,
             "full": self.full.to_dict() if self.full is not None else None,
             "seconds": self.seconds,
+            "budget_epochs": self.budget_epochs,
             "table": [{"method": m, "setting": s, "mean": mu, "std": sd} for m, s, mu, sd in self.rows()],
         }
 
@@ -131,11 +134,13 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     if baselines:
         t0 = time.perf_counter()
         ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
-        random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress)
+        # equal training budget: the one-stage random subset trains as long as all P stages together
+        random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
+                                          epochs=budget_epochs(ev, cfg.distill.num_stages))
         full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
-    report = RunReport(result, pdd, random, full, seconds)
+    report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages))
     path = result.directory / "results.json"
     tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(report.to_dict(), indent=2))
@@ -143,11 +148,19 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     return report
 
 
+def training_budget_line(cfg: PddConfig) -> str:
+    """The table's training budget: what every row but full data trained for (equal budget)."""
+    ev, p = cfg.evaluation, cfg.distill.num_stages
+    return (f"training budget: {budget_epochs(ev, p)} epochs per row (PDD {p} stages x {ev.epochs_per_stage}, "
+            f"random subset {budget_epochs(ev, p)} in one stage); full data {ev.full_epochs} epochs")
+
+
 def print_report(cfg: PddConfig, report: RunReport) -> None:
     """The table users look at first, plus where everything was written."""
     print()
     print(f"{cfg.name}: {cfg.data.dataset}, {cfg.distill.num_stages} stages x {cfg.distill.ipc_per_stage} images "
           f"per class, {cfg.evaluation.runs} evaluation runs (mean ± std test accuracy, %)")
+    print(training_budget_line(cfg))
     print(format_table(report.rows()))
     print()
     print(f"artifact: {report.distilled.artifact}  (grids: grid_stage_*.png)")
