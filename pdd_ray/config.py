@@ -149,6 +149,8 @@ class DistillConfig(_Section):
     # discard_from_stage on, floor(discard_fraction * n) easiest real examples are left out
     discard_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     discard_from_stage: int = Field(2, ge=2)
+    # the discard is per class and never leaves a class fewer real examples than this
+    discard_min_per_class: int = Field(1, ge=1)
 
     @property
     def total_ipc(self) -> int:

@@ -91,20 +91,35 @@ def drop_count(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(check_fraction(fraction))) * int(n))
 
 
-def kept_indices(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices kept after dropping exactly ``floor(fraction * n)`` lowest-count examples.
+def kept_indices(counts: np.ndarray, fraction: float, seed: int, labels: np.ndarray | None = None,
+                 min_per_class: int = 1) -> np.ndarray:
+    """Sorted indices kept after dropping the lowest-count examples.
 
-    Ties are broken by a permutation seeded with ``seed``, so the result is deterministic.
+    Without ``labels``: exactly ``floor(fraction * n)`` of all examples. With ``labels`` the
+    drop is stratified: each class c of n_c examples loses its ``floor(fraction * n_c)``
+    lowest-count ones, but never so many that fewer than ``min_per_class`` remain (a
+    globally ranked discard can empty a class, and a base method matching per class then
+    has nothing to match). Ties are broken by a permutation seeded with ``seed``, so the
+    result is deterministic.
     """
     c = np.asarray(counts)
     if c.ndim != 1:
         raise PddError(f"forgetting counts must be one value per example, got shape {c.shape}")
     n = c.shape[0]
-    drop = drop_count(fraction, n)
     rank = np.empty(n, dtype=np.int64)
     rank[np.random.default_rng(int(seed)).permutation(n)] = np.arange(n)
     order = np.lexsort((rank, c))  # by count, then by the seeded rank
-    return np.sort(order[drop:]).astype(np.int64)
+    if labels is None:
+        return np.sort(order[drop_count(fraction, n):]).astype(np.int64)
+    y = np.asarray(labels)
+    if y.shape != c.shape:
+        raise PddError(f"forgetting counts cover {n} examples but {y.shape[0]} labels were given")
+    kept = []
+    for cls in np.unique(y):
+        in_class = order[y[order] == cls]  # this class's examples, easiest first
+        drop = min(drop_count(fraction, in_class.shape[0]), max(0, in_class.shape[0] - int(min_per_class)))
+        kept.append(in_class[drop:])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
 def scatter(counts: np.ndarray, pool: np.ndarray | None, n: int) -> np.ndarray:

@@ -20,6 +20,18 @@ class Prepared:
     spec: ModelSpec
 
 
+def data_settings(cfg: PddConfig) -> dict:
+    """The data settings that decide which tensors :func:`prepare` produces (part of run keys).
+
+    ``data.download`` is not among them: it only decides whether missing files are fetched.
+    ``zca_eps`` counts only with ZCA on.
+    """
+    d = cfg.data
+    return {"dataset": d.dataset, "root": d.root, "val_fraction": d.val_fraction, "split_seed": d.split_seed,
+            "test_fraction": d.test_fraction, "normalize": not d.zca, "image_size": d.image_size,
+            "zca_eps": d.zca_eps if d.zca else None}
+
+
 def prepare(cfg: PddConfig) -> Prepared:
     """Load ``cfg.data`` and build the ``ModelSpec`` for ``cfg.model`` on it.
 
@@ -28,20 +40,21 @@ def prepare(cfg: PddConfig) -> Prepared:
     ``data.split_seed`` rather than the run seed, so runs with different seeds share experts.
     """
     d = cfg.data
+    s = data_settings(cfg)
     bundle = load_dataset(
-        d.dataset,
-        d.root,
-        val_fraction=d.val_fraction,
-        seed=d.split_seed,
+        s["dataset"],
+        s["root"],
+        val_fraction=s["val_fraction"],
+        seed=s["split_seed"],
         download=d.download,
-        test_fraction=d.test_fraction,
-        normalize=not d.zca,
-        image_size=d.image_size,
+        test_fraction=s["test_fraction"],
+        normalize=s["normalize"],
+        image_size=s["image_size"],
     )
     check_model_fits(cfg.model.arch, bundle.image_size, cfg.model.depth)
     zca = None
     if d.zca:
-        zca = ZCA.fit(bundle.train_x, eps=d.zca_eps)
+        zca = ZCA.fit(bundle.train_x, eps=s["zca_eps"])
         bundle = replace(
             bundle,
             train_x=zca.apply(bundle.train_x),

@@ -74,6 +74,31 @@ def test_kept_indices_drop_exactly_the_lowest_counts_deterministically():
     assert kept_indices(np.zeros(0), 0.5, 0).shape == (0,)
 
 
+def test_stratified_discard_never_empties_a_class():
+    # class 1 holds every easy example: a global ranking at 50 % would drop all of it
+    labels = np.array([0] * 10 + [1] * 10)
+    counts = np.array([5] * 10 + [0] * 10)
+    assert set(labels[kept_indices(counts, 0.5, seed=0)]) == {0}  # the unstratified discard empties class 1
+    kept = kept_indices(counts, 0.5, seed=0, labels=labels)
+    assert np.bincount(labels[kept]).tolist() == [5, 5]  # each class loses its own easiest half
+    kept = kept_indices(counts, 0.95, seed=0, labels=labels, min_per_class=3)
+    assert np.bincount(labels[kept]).tolist() == [3, 3]  # floor(0.95 * 10) = 9 would leave 1
+    uneven = np.array([0] * 3 + [1] * 17)
+    kept = kept_indices(np.arange(20), 0.9, seed=0, labels=uneven, min_per_class=1)
+    assert np.bincount(uneven[kept]).tolist() == [1, 2]
+    assert kept.tolist() == [2, 18, 19]  # the highest counts of each class stay
+
+
+def test_methods_refuse_a_real_pool_with_an_empty_class():
+    from pdd_ray.distill.methods.base import check_real_classes
+
+    check_real_classes(torch.tensor([0, 1, 2, 2]), 3, "stage 2")
+    with pytest.raises(PddError) as err:
+        check_real_classes(torch.tensor([0, 2, 2]), 3, "stage 2")
+    msg = str(err.value)
+    assert "\n" not in msg and "stage 2" in msg and "[1]" in msg and "discard_min_per_class" in msg
+
+
 @pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), True, "0.3"])
 def test_bad_fractions_are_one_line_errors(bad):
     with pytest.raises(PddError) as err:
@@ -143,7 +168,15 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
 
     assert real_pool(cfg, prepared, 1) is None and real_pool(cfg0, prepared, 2) is None
     pool = real_pool(cfg, prepared, 2)
-    assert pool.dtype == torch.int64 and pool.shape == (n - math.floor(0.3 * n),)
+    by_class = [int((b.train_y == c).sum()) for c in range(b.num_classes)]
+    assert pool.dtype == torch.int64 and pool.shape == (n - sum(math.floor(0.3 * m) for m in by_class),)
+    total = aggregate([read_counts(store, key, j) for j in range(cfg.experts.num_experts)])
+    kept_mask = np.zeros(n, dtype=bool)
+    kept_mask[pool.numpy()] = True
+    for c in range(b.num_classes):  # per class: exactly its easiest 30 % left out
+        in_c = (b.train_y == c).numpy()
+        assert (~kept_mask & in_c).sum() == math.floor(0.3 * by_class[c])
+        assert total[~kept_mask & in_c].max() <= total[kept_mask & in_c].min()
     assert torch.equal(pool, real_pool(cfg, prepared, 3))  # same subset at every later stage
 
     ux, uy = random_subset(b, 1, 123)
@@ -153,12 +186,19 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
     assert len(jobs) == cfg.experts.num_experts
     assert all(torch.equal(j.pool, pool) for j in jobs) and all(j.pool is None for j in jobs0)
     assert jobs[0].key != jobs0[0].key  # the kept subset is part of the key
-    # with fraction 0 the key is exactly what it was before discarding existed
-    union_digest = store_key({"images": driver._digest(ux), "labels": driver._digest(uy), "alpha": 0.01})
-    old = store_key({**base_settings(cfg0, prepared), "kind": "transition", "stage": 2, "prev": key,
-                     "union": union_digest, "warmup": asdict(jobs0[0].warmup.recipe),
-                     "recipe": asdict(jobs0[0].recipe)})
-    assert jobs0[0].key == old
+    # the key follows exactly what the transition experts consume
+    def tkey(c, u=union):
+        return driver.transition_jobs(c, prepared, 1, key, u)[0].key
+
+    assert tkey(cfg0) == jobs0[0].key  # deterministic
+    assert tkey(load_config("digits", overrides + ["distill.discard_from_stage=3"])) == jobs0[0].key  # unread at 0
+    assert tkey(load_config("digits", overrides + ["evaluation.epochs_per_stage=9"])) == jobs0[0].key
+    assert tkey(load_config("digits", overrides + ["evaluation.weight_decay=0.001"])) != jobs0[0].key  # warm-up
+    assert tkey(load_config("digits", overrides + ["distill.transition_syn_epochs=2"])) != jobs0[0].key
+    assert tkey(cfg0, [StageSet(ux, uy, lr=0.02, epochs=5)]) != jobs0[0].key  # α_k
+    moved = ux.clone()
+    moved[0, 0, 0, 0] += 1e-3
+    assert tkey(cfg0, [StageSet(moved, uy, lr=0.01, epochs=5)]) != jobs0[0].key  # one pixel of S_<=k
 
     # one transition expert really trains on the kept subset only
     produce(store, jobs[:1], prepared, progress=False)

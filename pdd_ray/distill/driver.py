@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import write_artifact
 from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.methods.base import check_real_classes
 from pdd_ray.distill.stage import StageTask, load_state, stage_worker
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet, random_subset, recipe_from_config
@@ -37,6 +38,7 @@ from pdd_ray.experts.produce import (
     base_settings,
     expert_recipe,
     expert_store_root,
+    kept_epochs,
     matching_reach,
     model_meta,
     produce,
@@ -46,12 +48,9 @@ from pdd_ray.experts.produce import (
 )
 from pdd_ray.experts.store import TrajectoryStore, store_key
 from pdd_ray.experts.trajectory import Warmup
-from pdd_ray.prepare import Prepared
+from pdd_ray.prepare import Prepared, data_settings
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
-
-#: Top-level config sections that belong to one base method each.
-METHOD_SECTIONS = ("dm", "idc")
 
 #: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
 FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
@@ -70,21 +69,93 @@ class StageOutcome:
     val_history: list[tuple[int, float]]
 
 
+def selection_recipe(cfg: PddConfig) -> TrainRecipe:
+    """The recipe of the in-loop validation networks (selection of the stage's best iterate).
+
+    The evaluation section's optimiser settings with ``distill.eval_epochs``; its lr is not
+    used (each validation trains with the stage's α, see ``stage.validate``), so it is pinned
+    here and a change of ``evaluation.lr`` cannot reach the run key.
+    """
+    return replace(recipe_from_config(cfg.evaluation, cfg.augment.strategy), epochs=cfg.distill.eval_epochs, lr=0.0)
+
+
+def warmup_recipe(cfg: PddConfig, alpha: float) -> TrainRecipe:
+    """A transition expert's warm-up on the synthetic union S_<=k (lr α_k, evaluation's optimiser)."""
+    d, ev = cfg.distill, cfg.evaluation
+    return TrainRecipe(epochs=d.transition_syn_epochs, lr=alpha, momentum=ev.momentum, weight_decay=ev.weight_decay,
+                       batch_size=ev.batch_size, lr_decay_at_half=True, augment=cfg.augment.strategy)
+
+
+def transition_real_recipe(cfg: PddConfig) -> TrainRecipe:
+    """A transition expert's real-data phase: the experts' recipe for the epochs matching reaches
+    (none for methods without trajectories: they only need the conditioned networks)."""
+    reach = matching_reach(cfg) if method_class(cfg.distill.method).needs_trajectories else -1
+    return replace(expert_recipe(cfg), epochs=reach + 1)
+
+
+def stage_settings(cfg: PddConfig, k: int) -> dict:
+    """What stage k's workers consume besides their conditioning pool and the frozen stages
+    (both keyed by their own settings): the same values ``run_stage`` puts into the ``StageTask``."""
+    d = cfg.distill
+    method = method_class(d.method)
+    return {
+        "method": d.method,
+        # per class: the class count is fixed by the data settings, which are part of the run key
+        "params": method.stage_params(cfg, 1, k),
+        "init": {"ipc": d.ipc_per_stage, "seed": derive_seed(cfg.seed, "stage-init", k)},
+        "iterations": d.iterations,
+        "lr_img": method.image_lr(cfg),
+        "lr_lr": d.lr_lr,
+        "lr_init": d.lr_init,
+        "eval_every": d.eval_every,
+        "eval_runs": d.eval_runs,
+        "selection": asdict(selection_recipe(cfg)),
+        "augment": cfg.augment.strategy,
+        "workers": {"num_workers": d.num_workers, "threads": d.cpus_per_worker, "use_gpu": d.use_gpu},
+    }
+
+
+def conditioning_settings(cfg: PddConfig) -> dict:
+    """What the stages' conditioning pools consume: stage-1 experts (when the method matches
+    trajectories or discarding needs their forgetting counts), the transitions, the discard."""
+    d = cfg.distill
+    method = method_class(d.method)
+    out: dict = {}
+    if method.needs_trajectories or d.discard_fraction > 0:
+        out["stage1_experts"] = {"recipe": asdict(expert_recipe(cfg)), "keep_epochs": kept_epochs(cfg),
+                                 "num_experts": cfg.experts.num_experts}
+    if d.num_stages > 1:
+        out["transition"] = {"warmup": asdict(warmup_recipe(cfg, alpha=0.0)),  # α_k: from the stage itself
+                             "real": asdict(transition_real_recipe(cfg)),
+                             "num_experts": cfg.experts.num_experts, "transition_experts": d.transition_experts}
+    if d.discard_fraction > 0:
+        out["discard"] = {"fraction": d.discard_fraction, "from_stage": d.discard_from_stage,
+                          "min_per_class": d.discard_min_per_class}
+    return out
+
+
+def run_settings(cfg: PddConfig) -> dict:
+    """The settings objects a run's cached results (finished stages, Train checkpoints,
+    transition experts) consume, built by the same functions that hand them to their consumers.
+
+    Nothing is dropped by name: what is not built here (tracking, storage, name, ``max_failures``,
+    ``checkpoint_every``, the evaluation settings used only after distillation, another
+    method's section) cannot change the key; what is (``evaluation.weight_decay`` via the
+    in-loop selection recipe and the transition warm-up, ...) always does.
+    """
+    return {
+        "data": data_settings(cfg),  # what prepare() loads: dataset, split, ZCA, image size
+        "model": cfg.model.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "num_stages": cfg.distill.num_stages,
+        "stages": [stage_settings(cfg, k) for k in range(1, cfg.distill.num_stages + 1)],
+        "conditioning": conditioning_settings(cfg),
+    }
+
+
 def run_key(cfg: PddConfig) -> str:
-    """Digest of every setting that changes the distilled images (not evaluation or tracking)."""
-    d = cfg.model_dump(mode="json")
-    for k in ("evaluation", "tracking", "storage", "name"):
-        d.pop(k)
-    for k in ("max_failures", "checkpoint_every"):
-        d["distill"].pop(k)
-    if d["distill"]["discard_fraction"] == 0:  # off: keys of runs made before discarding existed stay valid
-        for k in ("discard_fraction", "discard_from_stage"):
-            d["distill"].pop(k)
-    for section in METHOD_SECTIONS:  # another method's settings cannot change these images
-        if section != cfg.distill.method:
-            d.pop(section, None)
-    d["experts"].pop("storage")
-    return store_key(d)
+    """Digest of :func:`run_settings`: the run directory's key."""
+    return store_key(run_settings(cfg))
 
 
 def run_dir(cfg: PddConfig) -> Path:
@@ -184,6 +255,7 @@ def _real_ref(cfg: PddConfig, prepared: Prepared, k: int):
     pool = real_pool(cfg, prepared, k)
     if pool is None:
         return ray.put((b.train_x, b.train_y))
+    check_real_classes(b.train_y[pool], b.num_classes, f"stage {k}")  # one line here, not a worker traceback
     return ray.put((b.train_x[pool], b.train_y[pool]))
 
 
@@ -250,7 +322,7 @@ def run_stage(
         lr_init=d.lr_init,
         eval_every=d.eval_every,
         eval_runs=d.eval_runs,
-        eval_recipe=replace(recipe_from_config(cfg.evaluation, cfg.augment.strategy), epochs=d.eval_epochs),
+        eval_recipe=selection_recipe(cfg),
         checkpoint_every=d.checkpoint_every,
         augment=cfg.augment.strategy,
         seed=cfg.seed,
@@ -313,19 +385,17 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
     networks: snapshot 0 after the union, no real epochs; with no previous pool (stage 1)
     they start from seeded random networks.
     """
-    d, ev = cfg.distill, cfg.evaluation
+    d = cfg.distill
     store = TrajectoryStore(expert_store_root(cfg))
-    trajectories = method_class(d.method).needs_trajectories
     prev = store.indices(prev_key) if prev_key else list(range(cfg.experts.num_experts))
     if d.transition_experts is not None:
         prev = prev[: d.transition_experts]
     alpha = union[-1].lr
     ux = torch.cat([s.images for s in union])
     uy = torch.cat([s.labels for s in union])
-    warm = TrainRecipe(epochs=d.transition_syn_epochs, lr=alpha, momentum=ev.momentum, weight_decay=ev.weight_decay,
-                       batch_size=ev.batch_size, lr_decay_at_half=True, augment=cfg.augment.strategy)
-    reach = matching_reach(cfg) if trajectories else -1
-    real = replace(expert_recipe(cfg), epochs=reach + 1)
+    warm = warmup_recipe(cfg, alpha)
+    real = transition_real_recipe(cfg)
+    reach = real.epochs - 1
     pool = real_pool(cfg, prepared, k + 1) if real.epochs > 0 else None  # forgetting-score discarding
     kept = ({"real_pool": {"fraction": d.discard_fraction, "size": int(pool.numel()), "kept": _digest(pool)}}
             if pool is not None else {})

@@ -264,9 +264,10 @@ def stage1_experts(cfg: PddConfig, prepared: Prepared, progress: bool = True, on
 def real_pool(cfg: PddConfig, prepared: Prepared, stage: int) -> torch.Tensor | None:
     """Indices into ``prepared.bundle.train_x`` that stage ``stage`` uses as real data; None = all.
 
-    From ``distill.discard_from_stage`` on, the ``floor(distill.discard_fraction * n)`` examples
-    with the fewest forgetting events, summed over the config's stage-1 experts (which must
-    exist), are left out (:mod:`pdd_ray.forgetting`). Deterministic for a seed, so every
+    From ``distill.discard_from_stage`` on, each class's ``floor(distill.discard_fraction * n_c)``
+    examples with the fewest forgetting events, summed over the config's stage-1 experts (which
+    must exist), are left out, keeping at least ``distill.discard_min_per_class`` per class
+    (:mod:`pdd_ray.forgetting`). Deterministic for a seed, so every
     stage and every call sees the same sorted subset.
     """
     d = cfg.distill
@@ -289,7 +290,8 @@ def real_pool(cfg: PddConfig, prepared: Prepared, stage: int) -> torch.Tensor | 
             raise PddError(f"forgetting counts of expert {j} in {store.root}/{key} cover {c.shape[0]} examples, "
                            f"the training set has {n}; delete that folder and re-run `pdd-ray experts`")
         counts.append(c)
-    kept = kept_indices(aggregate(counts), d.discard_fraction, derive_seed(cfg.seed, "forgetting-ties"))
+    kept = kept_indices(aggregate(counts), d.discard_fraction, derive_seed(cfg.seed, "forgetting-ties"),
+                        labels=prepared.bundle.train_y.numpy(), min_per_class=d.discard_min_per_class)
     return torch.from_numpy(kept)
 
 

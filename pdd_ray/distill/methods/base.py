@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from pdd_ray.errors import PddError
+
 from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.experts.trajectory import load_start_params
 
@@ -64,6 +66,16 @@ class ConditionedPool:
         return load_start_params(self._readers[index].params_at_epoch(epoch)).to(device)
 
 
+def check_real_classes(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Refuse a real pool with a class that has no example: per-class matching (DM's means,
+    IDC's cross-entropy gradients) of an empty batch is NaN or silently skips the class."""
+    counts = torch.bincount(labels.detach().cpu().long(), minlength=num_classes)
+    empty = [c for c in range(num_classes) if int(counts[c]) == 0]
+    if empty:
+        raise PddError(f"{where}: the real pool has no example of class(es) {empty}; lower "
+                       "distill.discard_fraction or raise distill.discard_min_per_class")
+
+
 class BaseMethod(ABC):
     """One base distillation method, instantiated once per Ray Train worker and stage."""
 
@@ -90,6 +102,7 @@ class BaseMethod(ABC):
 
         ref = self.task.real_ref
         x, y = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        check_real_classes(y, self.task.spec.num_classes, f"stage {self.task.stage}")
         x, y = x.to(self.device), y.to(self.device)
         return x, y, {c: torch.nonzero(y == c).flatten() for c in range(self.task.spec.num_classes)}
 
