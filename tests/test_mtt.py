@@ -29,7 +29,11 @@ def _setup(seed=0, n_new=3, n_frozen=3):
 
 def test_minibatch_schedule_covers_each_permutation():
     batches = minibatch_schedule(6, 4, 3, generator(0))
-    assert [len(b) for b in batches] == [4, 4, 4]
+    assert [len(b) for b in batches] == [4, 2, 4]  # the short last chunk of a permutation is kept
+    assert sorted(torch.cat(batches[:2]).tolist()) == list(range(6))  # ... so a pass sees every image once
+    # 7 images, batch 3: three passes of 3 + 3 + 1 see every image exactly three times
+    counts = torch.bincount(torch.cat(minibatch_schedule(7, 3, 9, generator(2))), minlength=7)
+    assert counts.tolist() == [3] * 7
     # batch larger than the set is clipped to the set
     assert len(minibatch_schedule(3, 10, 1, generator(0))[0]) == 3
     # a full pass over a permutation sees every image once
@@ -88,13 +92,43 @@ def test_a_gradient_step_on_images_lowers_the_matching_loss():
     assert after < before
 
 
-def test_average_of_two_samples_is_mean_of_gradients():
-    """What the all-reduce computes: the mean of per-worker matching gradients."""
+def _average_in_group(rank: int, world: int, init: str, out: str) -> None:
+    """One process of a real gloo group: averages its own matching gradient with its peers'."""
+    import torch.distributed as dist
+
+    from pdd_ray.distill.stage import _all_average
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = _setup()
+        res = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, DiffAugment("none"),
+                    generator(1 + rank))  # each rank its own sample
+        avg_x, avg_a = _all_average([res.grad_images, res.grad_alpha.reshape(1)])
+        torch.save({"x": avg_x.clone(), "a": avg_a.clone()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_of_two_samples_is_mean_of_gradients(tmp_path):
+    """What the all-reduce computes, in a real two-process gloo group: the mean of the
+    per-process matching gradients (not their sum, not one of them), reshaped back."""
+    import torch.multiprocessing as mp
+
     from pdd_ray.distill.stage import _all_average
 
     fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = _setup()
     dsa = DiffAugment("none")
     a = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, dsa, generator(1))
-    # without a process group the helper is the identity
-    same = _all_average([a.grad_images])
-    assert torch.equal(same[0], a.grad_images)
+    b = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, dsa, generator(2))
+    assert not torch.allclose(a.grad_images, b.grad_images)  # two different samples
+    assert torch.equal(_all_average([a.grad_images])[0], a.grad_images)  # no process group: identity
+
+    out = str(tmp_path / "avg")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_average_in_group, args=(2, init, out), nprocs=2, join=True, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert got["x"].shape == a.grad_images.shape
+        torch.testing.assert_close(got["x"], (a.grad_images + b.grad_images) / 2, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(got["a"][0], (a.grad_alpha + b.grad_alpha) / 2, rtol=1e-5, atol=1e-10)

@@ -30,7 +30,7 @@ from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import write_artifact
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.methods.base import check_real_classes
-from pdd_ray.distill.stage import StageTask, load_state, stage_worker
+from pdd_ray.distill.stage import NONFINITE_METRIC, StageTask, load_state, stage_worker
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet, random_subset, recipe_from_config
 from pdd_ray.experts.produce import (
@@ -358,6 +358,9 @@ def run_stage(
         stop.set()
         watcher.join(timeout=10)
         ray.kill(board)
+    problem = (result.metrics or {}).get(NONFINITE_METRIC)
+    if problem:  # the workers stopped at a NaN/inf: no stage record, no artifact, one line for the user
+        raise PddError(str(problem))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
     s = load_state(result.checkpoint)

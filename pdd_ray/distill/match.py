@@ -41,15 +41,19 @@ class MatchResult:
 def minibatch_schedule(n: int, batch: int, steps: int, g: torch.Generator) -> list[torch.Tensor]:
     """Indices for ``steps`` minibatches walking random permutations of ``n`` items.
 
-    As in MTT, a permutation is consumed in order and redrawn when used up, so every
-    synthetic image is seen equally often across consecutive steps.
+    As in MTT, a permutation is consumed in order, in chunks of ``batch``, and redrawn when
+    used up; its last chunk is kept even when shorter (``n mod batch`` images), as the
+    official code does, so every image is seen exactly once per completed pass. (An earlier
+    version skipped that short chunk, so with ``n`` not a multiple of ``batch`` -- e.g.
+    CIFAR-100 IPC 50's 1000-image stage with ``batch_syn`` 512 -- some images missed every
+    pass they were last in.) When ``batch`` divides ``n`` the draws are identical either way.
     """
     batch = min(batch, n)
     out: list[torch.Tensor] = []
     perm = torch.randperm(n, generator=g)
     pos = 0
     for _ in range(steps):
-        if pos + batch > n:
+        if pos >= n:
             perm = torch.randperm(n, generator=g)
             pos = 0
         out.append(perm[pos : pos + batch])
@@ -57,14 +61,15 @@ def minibatch_schedule(n: int, batch: int, steps: int, g: torch.Generator) -> li
     return out
 
 
-def _device_schedule(n: int, batch: int, steps: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """The schedule as one (steps, batch) tensor on ``device``.
+def _device_schedule(n: int, batch: int, steps: int, g: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """The schedule's minibatches as views of one tensor on ``device``.
 
     One host-to-device copy for the whole unroll instead of one per step (each small copy
     synchronises a CUDA stream). Drawn exactly as ``minibatch_schedule``, so the generator
     advances identically in every unroll mode.
     """
-    return torch.stack(minibatch_schedule(n, batch, steps, g)).to(device)
+    chunks = minibatch_schedule(n, batch, steps, g)
+    return list(torch.cat(chunks).to(device).split([c.numel() for c in chunks]))
 
 
 def _union(frozen: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -130,7 +135,7 @@ def _forward_stored(
     images: torch.Tensor,
     labels: torch.Tensor,
     alpha: torch.Tensor,
-    schedule: torch.Tensor,
+    schedule: list[torch.Tensor],
     dsa: DiffAugment,
     g: torch.Generator,
 ) -> tuple[list[_Step], torch.Tensor]:

@@ -73,6 +73,12 @@ class StageTask:
     log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
 
 
+def iteration_generator(seed: int, stage: int, iteration: int, rank: int) -> torch.Generator:
+    """The random stream of one worker's update at one iteration: ranks draw different samples
+    (MTT: expert and start epoch), and a restarted worker replays exactly the same draws."""
+    return generator(derive_seed(seed, "stage", stage, "iter", iteration, "rank", rank))
+
+
 def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Average tensors over all workers with one all-reduce (gloo on CPU, nccl on GPU)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -108,6 +114,36 @@ def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alph
         )
         accs.append(scores["val"][-1])
     return float(sum(accs) / len(accs))
+
+
+#: Where each base method's image learning rate is set (for the non-finite error's hint).
+IMAGE_LR_KEY = {"mtt": "distill.lr_img", "dm": "dm.lr_img", "idc": "idc.lr_img"}
+
+#: Metric a worker reports instead of a checkpoint when the stage went non-finite.
+NONFINITE_METRIC = "nonfinite"
+
+
+def nonfinite_problem(task: StageTask, iteration: int, **values: torch.Tensor | float | None) -> str | None:
+    """A one-line description of the first non-finite value among ``values``, or None.
+
+    Checked every iteration on the all-reduced loss and gradients (before the step) and on the
+    images and α (after it): every worker sees the same values, so all stop together. A NaN
+    must never reach a checkpoint, a stage record or the artifact; the usual cause is an image
+    step so large that the student's weights overflow.
+    """
+    names = {"loss": "the matching loss", "grad_images": "the image gradient", "grad_alpha": "the gradient of α",
+             "images": "the synthetic images", "alpha": "α"}
+    for name, v in values.items():
+        if v is None:
+            continue
+        t = torch.as_tensor(v)
+        if not bool(torch.isfinite(t).all()):
+            key = IMAGE_LR_KEY.get(task.method, "the method's image learning rate")
+            return (f"stage {task.stage}, iteration {iteration}: {names.get(name, name)} is not finite "
+                    f"({'nan' if bool(torch.isnan(t).any()) else 'inf'}); likely cause: {key} = {task.lr_img:g} is "
+                    f"too large (or distill.lr_lr = {task.lr_lr:g}); lower it and re-run (the stage resumes from its "
+                    f"last finite checkpoint)")
+    return None
 
 
 def _save_checkpoint(state: dict, metrics: dict) -> None:
@@ -205,19 +241,27 @@ def stage_worker(config: dict) -> None:
                 Path(task.fail_marker).write_text(str(it))
                 raise RuntimeError(f"injected failure at iteration {it}")
 
-        g = generator(derive_seed(task.seed, "stage", task.stage, "iter", it, "rank", rank))
+        g = iteration_generator(task.seed, task.stage, it, rank)
         res = method.update(it, rank, new_x, alpha, g)
         grad_a = res.grad_alpha.reshape(1) if res.grad_alpha is not None else torch.zeros(1, device=device)
         grad_x, grad_a, loss_t = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)])
-        new_x.grad = grad_x.contiguous()
-        opt_img.step()
-        with torch.no_grad():
-            method.project(new_x)
-        if method.learns_alpha:
-            alpha.grad = grad_a.reshape(())
-            opt_lr.step()
+        problem = nonfinite_problem(task, it, loss=loss_t, grad_images=grad_x, grad_alpha=grad_a)
+        if problem is None:
+            new_x.grad = grad_x.contiguous()
+            opt_img.step()
             with torch.no_grad():
-                alpha.clamp_(min=alpha_min)
+                method.project(new_x)
+            if method.learns_alpha:
+                alpha.grad = grad_a.reshape(())
+                opt_lr.step()
+                with torch.no_grad():
+                    alpha.clamp_(min=alpha_min)
+            problem = nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach())
+        if problem is not None:  # stop without a checkpoint: the latest one is the last finite state
+            if logger is not None:
+                logger.flush()
+            ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
+            return
         losses.append(float(loss_t))
         if rank == 0 and task.progress is not None:
             task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=alpha_now())
