@@ -155,22 +155,36 @@ def test_later_stages_use_the_conditioned_pool():
 # end to end: two stages through the driver, the evaluator and the CLI table
 # ----------------------------------------------------------------------------------------------
 
-DM_OVERRIDES = ["method=dm", "dm.batch_real=32", "evaluation.epochs_per_stage=40"]
+DM_OVERRIDES = ["method=dm", "dm.batch_real=32", "evaluation.epochs_per_stage=40", "distill.iterations=20",
+                "distill.eval_every=10"]
 
 
 @pytest.fixture(scope="module")
 def dm_run(ray_session, tmp_path_factory):
+    from pdd_ray.distill import driver
     from pdd_ray.pipeline import run
 
     out = tmp_path_factory.mktemp("dm")
     overrides = tiny_overrides(str(out)) + DM_OVERRIDES
     cfg = load_config("digits", overrides)
-    report = run(cfg, progress=False, baselines=False)
-    return cfg, overrides, report
+    frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
+    real_run_stage = driver.run_stage
+
+    def spy(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
+        frozen_seen[k] = [s.images.clone() for s in frozen]
+        return real_run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(driver, "run_stage", spy)
+    try:
+        report = run(cfg, progress=False, baselines=False)
+    finally:
+        mp.undo()
+    return cfg, overrides, report, frozen_seen
 
 
 def test_two_stages_frozen_alpha_and_no_experts(dm_run):
-    cfg, _, report = dm_run
+    cfg, _, report, frozen_seen = dm_run
     result = report.distilled
     assert len(result.stages) == 2 and len(result.outcomes) == 2
     assert result.expert_keys[0] is None and result.expert_keys[1] is not None  # fresh nets, then conditioned
@@ -178,25 +192,47 @@ def test_two_stages_frozen_alpha_and_no_experts(dm_run):
     assert len(pool) == cfg.experts.num_experts  # stage 2 embeds with networks trained on S_1
     lr_init32 = float(torch.tensor(cfg.distill.lr_init))  # α lives in a float32 tensor in the worker
     for out, stage in zip(result.outcomes, result.stages):
-        assert out.alpha in (cfg.distill.lr_init, lr_init32) and stage.lr == out.alpha
+        assert out.alpha in (cfg.distill.lr_init, lr_init32) and stage.lr == out.alpha  # DM does not learn α
         assert len(out.losses) == cfg.distill.iterations and all(l == l for l in out.losses)
+    # frozen: stage 2 was handed exactly stage 1's finished images, and the artifact's stage 1 is them
     recorded = load_stage(result.directory, 1)
-    art = load_distilled(result.artifact)
-    assert torch.equal(art.stages[0].images, recorded.images)  # stage 1 frozen bit-for-bit
-    assert torch.equal(result.stages[0].images, recorded.images)
+    assert frozen_seen[1] == [] and len(frozen_seen[2]) == 1
+    assert torch.equal(frozen_seen[2][0], recorded.images)
+    assert torch.equal(load_distilled(result.artifact).stages[0].images, frozen_seen[2][0])
     assert not torch.equal(result.stages[0].images, result.stages[1].images)
 
 
-def test_distilled_union_beats_chance(dm_run):
-    _, _, report = dm_run
-    acc = report.pdd["convnet"].mean("test")
-    assert acc[-1] > 0.3, acc  # 10 classes: chance is 0.1
+def _iteration0_union(cfg, prepared) -> list:
+    """The sets DM starts from (each stage's seeded random real images), before any update."""
+    from pdd_ray.evaluation import StageSet, random_subset
+    from pdd_ray.seeding import derive_seed
+
+    return [StageSet(*random_subset(prepared.bundle, cfg.distill.ipc_per_stage, derive_seed(cfg.seed, "stage-init", k)),
+                     lr=cfg.distill.lr_init, epochs=cfg.evaluation.epochs_per_stage)
+            for k in range(1, cfg.distill.num_stages + 1)]
+
+
+def test_distilled_union_beats_its_iteration_0_set(dm_run):
+    """DM's update must improve on where it started (with the update disabled, the distilled
+    union is the iteration-0 set and the two evaluations are identical)."""
+    from pdd_ray.evaluation import eval_sets_of, evaluate_progressive, recipe_from_config
+    from pdd_ray.prepare import prepare
+
+    cfg, _, report, _ = dm_run
+    prepared = prepare(cfg)
+    start = _iteration0_union(cfg, prepared)
+    for s0, s in zip(start, report.distilled.stages):
+        assert s0.images.shape == s.images.shape and torch.equal(s0.labels, s.labels)
+    base = evaluate_progressive("iteration 0", prepared.spec, start, recipe_from_config(cfg.evaluation, cfg.augment.strategy),
+                                eval_sets_of(prepared.bundle), cfg.evaluation.runs, cfg.seed, progress=False)
+    got, before = report.pdd["convnet"].mean("test")[-1], base.mean("test")[-1]
+    assert got > before, (got, before)
 
 
 def test_cli_run_prints_the_table(dm_run, capsys):
     from pdd_ray.cli import main
 
-    _, overrides, _ = dm_run
+    _, overrides, _, _ = dm_run
     # the same config finds its finished run: only evaluation and the baselines run again
     assert main(["run", "digits", *overrides, "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -27,13 +27,32 @@ def finished(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("driver")
     cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint"])
     prepared = prepare(cfg)
+    frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
+    real_run_stage = driver.run_stage
+
+    def spy(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
+        frozen_seen[k] = [s.images.clone() for s in frozen]
+        return real_run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
+
     mp = pytest.MonkeyPatch()
     mp.setenv(FAIL_AT_ENV, "3")
+    mp.setattr(driver, "run_stage", spy)
     try:
         result = distill(cfg, prepared, progress=False)
     finally:
         mp.undo()
+    result.frozen_seen = frozen_seen
     return cfg, prepared, result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished):
+    """Stage 1 of the same settings without the injected failure (a one-stage run: stage 1
+    does not depend on the stage count; the stage-1 experts are found in the same store)."""
+    cfg, prepared, _ = finished
+    one = load_config("digits", tiny_overrides(cfg.storage) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint",
+                                                               "distill.num_stages=1"])
+    return distill(one, prepared, progress=False)
 
 
 def test_killed_worker_restarts_and_iterations_stay_continuous(finished):
@@ -45,6 +64,16 @@ def test_killed_worker_restarts_and_iterations_stay_continuous(finished):
     assert np.isfinite(result.outcomes[0].losses).all()
 
 
+def test_resumed_stage_equals_an_uninterrupted_one(finished, uninterrupted):
+    """The restart replays nothing and skips nothing: images, α, losses and the selection are
+    bit-identical to a run that never failed (CPU; see README on determinism)."""
+    _, _, result = finished
+    a, b = result.outcomes[0], uninterrupted.outcomes[0]
+    assert torch.equal(a.images, b.images)
+    assert a.alpha == b.alpha and a.best_iteration == b.best_iteration and a.best_val_acc == b.best_val_acc
+    assert a.losses == b.losses
+
+
 def test_stages_shapes_frozen_and_alpha_positive(finished):
     cfg, prepared, result = finished
     classes = prepared.bundle.num_classes
@@ -52,10 +81,17 @@ def test_stages_shapes_frozen_and_alpha_positive(finished):
     for stage in result.stages:
         assert stage.images.shape == (classes * cfg.distill.ipc_per_stage, 1, 8, 8)
         assert stage.lr >= ALPHA_FLOOR * cfg.distill.lr_init > 0
-    # stage 1 as recorded when it finished is bit-identical to stage 1 inside the final artifact
+    # α is learned (lr_lr = 1 in this fixture): every stage moved it away from lr_init
+    assert all(o.alpha != cfg.distill.lr_init for o in result.outcomes)
+    # frozen: stage 1 optimised alone; stage 2 was handed exactly stage 1's finished images as
+    # constants, and the artifact's stage 1 is those same images (stage 2 did not move them)
     recorded = load_stage(result.directory, 1)
+    assert result.frozen_seen[1] == []
+    assert len(result.frozen_seen[2]) == 1 and torch.equal(result.frozen_seen[2][0], recorded.images)
     art = load_distilled(result.artifact)
-    assert torch.equal(art.stages[0].images, recorded.images)
+    assert torch.equal(art.stages[0].images, result.frozen_seen[2][0])
+    # the stage-2 images start from a fresh init, not from stage 1's images
+    assert not torch.equal(result.frozen_seen[2][0], result.outcomes[1].images)
     # the stage-2 experts descend from the stage-1 ones and are a different key
     assert len(result.expert_keys) == 2 and result.expert_keys[0] != result.expert_keys[1]
     # the second stage really learned new images (not a copy of the first)

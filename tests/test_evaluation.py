@@ -93,3 +93,43 @@ def test_cross_architecture_spec(ray_session, digits):
     res = evaluate_progressive("x", spec, [stage], TrainRecipe(epochs=5, lr=0.01), eval_sets_of(p.bundle), 1, 0,
                                progress=False)
     assert res.arch == "vgg11" and res.scores["test"].shape == (1, 1)
+
+
+def test_each_stage_trains_with_its_own_alpha_and_restarts_the_decay(digits, monkeypatch):
+    """Stage k uses its own lr α_k (not the recipe's), and the x0.1 drop at half of each
+    stage restarts from α_k: recorded at every optimiser step."""
+    _, p = digits
+    b = p.bundle
+    s1 = StageSet(*random_subset(b, 1, 0), lr=0.05, epochs=4)
+    s2 = StageSet(*random_subset(b, 1, 1), lr=0.02, epochs=6)
+    recipe = TrainRecipe(epochs=99, lr=0.01, batch_size=1000, augment="none")  # one step per epoch
+    lrs: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    progressive_run(p.spec, [s1, s2], recipe, {"test": (b.test_x, b.test_y)}, seed=0)
+    expected = [0.05] * 2 + [0.005] * 2 + [0.02] * 3 + [0.002] * 3
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_equal_training_budget_helpers(digits, monkeypatch):
+    from pdd_ray import evaluation
+    from pdd_ray.errors import PddError
+
+    cfg, p = digits
+    ev = cfg.evaluation  # 60 epochs per stage
+    assert evaluation.budget_epochs(ev, 1) == 60 and evaluation.budget_epochs(ev, 5) == 300
+    assert evaluation.epochs_per_stage_for(600, 1) == 600 and evaluation.epochs_per_stage_for(600, 5) == 120
+    with pytest.raises(PddError) as err:
+        evaluation.epochs_per_stage_for(600, 7)
+    assert "\n" not in str(err.value) and "600" in str(err.value) and "7" in str(err.value)
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_progressive", lambda name, spec, stages, *a, **k: seen.append(stages))
+    evaluation.evaluate_random_baseline(p.bundle, p.spec, ev, "none", 2, 0, progress=False,
+                                        epochs=evaluation.budget_epochs(ev, 3))
+    evaluation.evaluate_random_baseline(p.bundle, p.spec, ev, "none", 2, 0, progress=False)
+    assert [s[0].epochs or ev.epochs_per_stage for s in seen] == [180, 60]

@@ -102,7 +102,7 @@ class BaseMethod(ABC):
 
         ref = self.task.real_ref
         x, y = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        check_real_classes(y, self.task.spec.num_classes, f"stage {self.task.stage}")
+        check_real_classes(y, self.task.spec.num_classes, f"stage {getattr(self.task, 'stage', '?')}")
         x, y = x.to(self.device), y.to(self.device)
         return x, y, {c: torch.nonzero(y == c).flatten() for c in range(self.task.spec.num_classes)}
 
