@@ -238,3 +238,27 @@ def test_cli_run_prints_the_table(dm_run, capsys):
     out = capsys.readouterr().out
     for row in ("random subset", "PDD stage 1", "PDD stage 2", "full data"):
         assert row in out
+
+
+def test_evaluate_artifact_reproduces_the_runs_numbers(dm_run, tmp_path, capsys):
+    """``pdd-ray evaluate ARTIFACT`` (reevaluate.py) re-trains from the artifact alone: with the
+    run's seed and run count it must give exactly the run's per-stage scores (same stages,
+    per-stage lr, epochs and recipe), and print one row per stage."""
+    import json
+
+    import numpy as np
+
+    from pdd_ray.cli import main
+
+    cfg, _, report, _ = dm_run
+    out = tmp_path / "re.json"
+    assert main(["evaluate", str(report.distilled.artifact), "--runs", str(cfg.evaluation.runs), "--json", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "PDD stage 1 [convnet]" in printed and "PDD stage 2 [convnet]" in printed
+    got = json.loads(out.read_text())["convnet"]["scores"]
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(np.array(got[split]), report.pdd["convnet"].scores[split])
+    # a bad architecture is a one-line error
+    assert main(["evaluate", str(report.distilled.artifact), "--arch", "nope", "--no-progress"]) == 2
+    assert "--arch 'nope'" in capsys.readouterr().err
