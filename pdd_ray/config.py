@@ -151,6 +151,8 @@ class DistillConfig(_Section):
     discard_from_stage: int = Field(2, ge=2)
     # the discard is per class and never leaves a class fewer real examples than this
     discard_min_per_class: int = Field(1, ge=1)
+    # torch.use_deterministic_algorithms in the stage workers: resume bit-identical on GPU too
+    deterministic: bool = False
 
     @property
     def total_ipc(self) -> int:

@@ -1,72 +1,90 @@
-"""Two Ray Train workers (gloo all-reduce) give the average of single-process gradients."""
+"""Two Ray Train workers of a real stage: each rank draws its own (expert, start epoch) sample,
+and the step applied to the images is the one of the mean of their gradients."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+
+import pytest
 import torch
 
-from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import match
-from pdd_ray.models import FlatModel
-from pdd_ray.modelspec import ModelSpec, build_seeded
-from pdd_ray.seeding import generator
+from pdd_ray.config import load_config
+from pdd_ray.distill import driver
+from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.stage import STATE_FILE, iteration_generator
+from pdd_ray.experts.produce import stage1_experts
+from pdd_ray.prepare import prepare
 
-SPEC = ModelSpec("convnet", 1, 3, 8, width=8, depth=2)
-
-
-def _sample_gradient(sample: int) -> tuple[np.ndarray, float]:
-    """The matching gradient of one (expert, start) sample, fully determined by `sample`."""
-    torch.manual_seed(0)
-    fm = FlatModel(build_seeded(SPEC, 1))
-    new_x = torch.randn(6, 1, 8, 8, requires_grad=True)
-    new_y = torch.arange(6) % 3
-    alpha = torch.tensor(0.01, requires_grad=True)
-    g = generator(100 + sample)
-    start = fm.flatten() + 0.01 * torch.randn(fm.numel, generator=g)
-    target = start + 0.05 * torch.randn(fm.numel, generator=g)
-    res = match(fm, start, target, new_x[:0].detach(), new_y[:0], new_x, new_y, alpha, 3, 3,
-                DiffAugment("crop_scale_rotate"), g)
-    return res.grad_images.numpy(), float(res.grad_alpha)
+from conftest import tiny_overrides
 
 
-def _worker(config: dict) -> None:
-    import ray.train
+@pytest.fixture(scope="module")
+def two_workers(ray_session, tmp_path_factory):
+    """One iteration of stage 1 on 2 workers; the StageTask the driver built is captured."""
+    import ray.train.torch
 
-    from pdd_ray.distill.stage import _all_average
+    out = tmp_path_factory.mktemp("dist")
+    cfg = load_config("digits", tiny_overrides(str(out)) + [
+        "distill.num_workers=2", "distill.cpus_per_worker=1", "distill.iterations=1", "distill.num_stages=1",
+        "distill.eval_every=1", "distill.lr_lr=1.0", "experts.num_experts=3", "distill.max_start_epoch=3"])
+    prepared = prepare(cfg)
+    key, _ = stage1_experts(cfg, prepared, progress=False)
+    captured = {}
+    real_trainer = ray.train.torch.TorchTrainer
 
-    torch.set_num_threads(1)
-    rank = ray.train.get_context().get_world_rank()
-    gi, ga = _sample_gradient(rank)
-    avg_i, avg_a = _all_average([torch.from_numpy(gi), torch.tensor([ga])])
-    if rank == 0:
-        np.savez(config["out"], images=avg_i.numpy(), alpha=avg_a.numpy())
-    ray.train.report({"done": 1})
+    class Spy(real_trainer):
+        def __init__(self, *a, train_loop_config=None, **k):
+            captured["task"] = train_loop_config["task"]
+            super().__init__(*a, train_loop_config=train_loop_config, **k)
 
-
-def test_two_workers_average_the_gradients_of_one(ray_session, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    import sys
-
-    import ray.cloudpickle
-
-    # workers cannot import this test module: ship its functions by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    out = tmp_path / "avg.npz"
-    TorchTrainer(
-        _worker,
-        train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-        run_config=RunConfig(name="avg", storage_path=str(tmp_path / "train")),
-    ).fit()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ray.train.torch, "TorchTrainer", Spy)
     try:
-        (g0, a0), (g1, a1) = _sample_gradient(0), _sample_gradient(1)
+        directory = driver.run_dir(cfg)
+        driver.run_stage(cfg, prepared, directory, 1, key, [], progress=False)
+    finally:
+        mp.undo()
+    states = [torch.load(p, map_location="cpu", weights_only=True)
+              for p in Path(directory, "train", "stage_1").glob(f"checkpoint_*/{STATE_FILE}")]
+    final = next(s for s in states if int(s["iteration"]) == 1)
+    return cfg, captured["task"], final
+
+
+def _rank_update(task, rank: int):
+    """What rank ``rank`` computes at iteration 0, in this process, recording the snapshots it reads."""
+    method = method_class(task.method)(task, torch.device("cpu"))
+    reads: list[tuple[int, int]] = []
+    params = method.pool.params
+
+    def recording(index, epoch, device):
+        reads.append((int(index), int(epoch)))
+        return params(index, epoch, device)
+
+    method.pool.params = recording
+    x = task.init_images.clone().requires_grad_(True)
+    alpha = torch.tensor(task.lr_init, requires_grad=True)
+    res = method.update(0, rank, x, alpha, iteration_generator(task.seed, task.stage, 0, rank))
+    return reads, res
+
+
+def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers):
+    cfg, task, final = two_workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(task.threads)  # as the workers did
+    try:
+        (reads0, r0), (reads1, r1) = _rank_update(task, 0), _rank_update(task, 1)
     finally:
         torch.set_num_threads(threads)
-    assert not np.allclose(g0, g1)  # the two workers really computed different samples
-    with np.load(out) as z:
-        np.testing.assert_allclose(z["images"], (g0 + g1) / 2, rtol=1e-5, atol=1e-8)
-        np.testing.assert_allclose(z["alpha"][0], (a0 + a1) / 2, rtol=1e-5)
+    # each rank read one start snapshot and its target E epochs later, and the ranks' samples differ
+    assert len(reads0) == len(reads1) == 2
+    assert reads0[1][1] - reads0[0][1] == cfg.distill.expert_epochs
+    assert reads0 != reads1, "both workers drew the same (expert, start epoch): the rank is not in the seed"
+    assert not torch.allclose(r0.grad_images, r1.grad_images)
+    # the step the stage applied (SGD, first step: lr x gradient) used the mean of the two gradients
+    mean_g = (r0.grad_images + r1.grad_images) / 2
+    torch.testing.assert_close(final["images"], task.init_images - task.lr_img * mean_g, rtol=1e-4, atol=1e-6)
+    for one in (r0.grad_images, r1.grad_images):  # ... not one worker's alone
+        assert not torch.allclose(final["images"], task.init_images - task.lr_img * one, rtol=1e-4, atol=1e-6)
+    mean_a = (r0.grad_alpha + r1.grad_alpha) / 2
+    torch.testing.assert_close(final["alpha"], torch.clamp(task.lr_init - task.lr_lr * mean_a, min=1e-3 * task.lr_init),
+                               rtol=1e-4, atol=1e-9)

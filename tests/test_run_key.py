@@ -48,6 +48,7 @@ CONSUMED = {
     "distill.transition_syn_epochs": "distill.transition_syn_epochs=3",
     "distill.transition_experts": "distill.transition_experts=2",
     "distill.discard_fraction": "distill.discard_fraction=0.1",
+    "distill.deterministic": "distill.deterministic=true",
     # read by the in-loop selection networks and the transition warm-up
     "evaluation.momentum": "evaluation.momentum=0.5",
     "evaluation.weight_decay": "evaluation.weight_decay=0.001",

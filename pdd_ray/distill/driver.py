@@ -111,7 +111,8 @@ def stage_settings(cfg: PddConfig, k: int) -> dict:
         "eval_runs": d.eval_runs,
         "selection": asdict(selection_recipe(cfg)),
         "augment": cfg.augment.strategy,
-        "workers": {"num_workers": d.num_workers, "threads": d.cpus_per_worker, "use_gpu": d.use_gpu},
+        "workers": {"num_workers": d.num_workers, "threads": d.cpus_per_worker, "use_gpu": d.use_gpu,
+                    "deterministic": d.deterministic},
     }
 
 
@@ -333,6 +334,7 @@ def run_stage(
         fail_marker=str(directory / "injected_failure.marker"),
         progress=board,
         log_target=log_target,
+        deterministic=d.deterministic,
     )
     trainer = TorchTrainer(
         stage_worker,

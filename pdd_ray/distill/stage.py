@@ -71,6 +71,17 @@ class StageTask:
     fail_marker: str | None = None
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
     log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
+    deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
+
+
+def use_deterministic(on: bool) -> None:
+    """Deterministic kernels (``distill.deterministic``): on CPU a resumed stage is already
+    bit-identical; on a GPU some kernels (atomics in convolution backward, scatter) are not,
+    so a resumed or repeated run is only close unless this is on (slower). cuBLAS needs its
+    workspace fixed before the first CUDA call for that."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
 
 
 def iteration_generator(seed: int, stage: int, iteration: int, rank: int) -> torch.Generator:
@@ -165,6 +176,8 @@ def stage_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = pick_device(task.use_gpu)
     torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
+    if task.deterministic:
+        use_deterministic(True)
     torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
 
     method = method_class(task.method)(task, device)

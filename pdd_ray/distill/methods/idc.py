@@ -24,8 +24,11 @@ One outer iteration (``update``) = one IDC inner iteration
     classifier are skipped) on real (no graph) and synthetic (``create_graph``) data are
     compared with the sum of squared differences (IDC's ``metric='mse'``), summed over
     classes. IDC steps the images after each class; here the per-class gradients are summed
-    into one image step (each class's loss only reaches that class's images, so this is the
-    same update with the network frozen across classes).
+    into one image step. Each class's loss only reaches that class's images, so the summed
+    gradient is exactly the per-class gradients side by side -- but with momentum 0.5 this is
+    NOT IDC's update: each of IDC's per-class steps also applies every other class's decaying
+    momentum buffer, so over one outer iteration IDC's images move by a different (larger)
+    amount. A deliberate simplification (one optimiser step and one all-reduce per iteration).
 
 The matching network, and why a resumed run equals an uninterrupted one
     IDC builds a network, then alternates matching with one pass of real-data training, and
