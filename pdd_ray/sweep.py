@@ -42,6 +42,9 @@ class SweepConfig(BaseModel):
     reduction_factor: float = Field(2.0, gt=1.0)
     max_concurrent_trials: int | None = Field(None, ge=1)
     trial_cpus: float = Field(0.5, gt=0.0)
+    # equal training budget: every trial's evaluation trains this many epochs in all
+    # (evaluation.epochs_per_stage = budget_epochs / P); unset: P x epochs_per_stage, shown per row
+    budget_epochs: int | None = Field(None, ge=1)
 
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
@@ -62,6 +65,11 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
         bad = [p for p in sweep.num_stages if sweep.total_ipc % p]
         if bad:
             raise PddError(f"sweep num_stages {bad} do not divide total_ipc = {sweep.total_ipc}; pick divisors")
+    if sweep.budget_epochs is not None:
+        bad = [p for p in sweep.num_stages if sweep.budget_epochs % p]
+        if bad:
+            raise PddError(f"sweep num_stages {bad} do not divide budget_epochs = {sweep.budget_epochs}; pick a "
+                           "common multiple")
     return sweep
 
 
@@ -100,6 +108,8 @@ def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> list[str]:
     p, ipc = params["layout"]
     out = [*sweep.overrides, f"storage={absolute_storage(sweep.storage)}", f"distill.num_stages={p}",
            f"distill.ipc_per_stage={ipc}", f"name={sweep.name}-P{p}-ipc{ipc}"]
+    if sweep.budget_epochs is not None:  # equal training budget across layouts
+        out.append(f"evaluation.epochs_per_stage={sweep.budget_epochs // p}")
     out += [f"{k}={json.dumps(v)}" for k, v in params.items() if k not in ("layout", "_parent", "_base")]
     return out
 
@@ -177,7 +187,9 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
         cfg = res.config or {}
         p, ipc = cfg.get("layout", (None, None))
         m = res.metrics or {}
-        rows.append({"num_stages": p, "ipc_per_stage": ipc, "total_ipc": (p or 0) * (ipc or 0),
+        epochs = (load_config(sweep.base, trial_overrides(sweep, {"layout": [p, ipc]})).evaluation.epochs_per_stage * p
+                  if p else None)
+        rows.append({"num_stages": p, "ipc_per_stage": ipc, "total_ipc": (p or 0) * (ipc or 0), "epochs": epochs,
                      **{k: v for k, v in cfg.items() if not k.startswith("_") and k != "layout"},
                      "stages_done": m.get("stage"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
                      "error": str(res.error).splitlines()[0] if res.error else None})
@@ -191,8 +203,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}"
 
-    header = ("stages", "ipc/stage", "total ipc", "stages done", "val acc %", "test acc %")
-    body = [(str(r["num_stages"]), str(r["ipc_per_stage"]), str(r["total_ipc"]), str(r["stages_done"]),
+    header = ("stages", "ipc/stage", "total ipc", "train epochs", "stages done", "val acc %", "test acc %")
+    body = [(str(r["num_stages"]), str(r["ipc_per_stage"]), str(r["total_ipc"]), str(r.get("epochs")), str(r["stages_done"]),
              pct(r["val_acc"]), pct(r["test_acc"]) if not r["error"] else "error") for r in rows]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     fmt = " | ".join(f"{{:>{w}}}" for w in widths)

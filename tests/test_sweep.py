@@ -31,6 +31,15 @@ def test_fixed_total_ipc_pairs_each_stage_count_with_total_over_p(tmp_path):
     assert param_space(grid)["layout"]["grid_search"] == [[1, 3], [1, 5], [2, 3], [2, 5]]
 
 
+def test_budget_epochs_gives_every_layout_the_same_training_budget(tmp_path):
+    sweep = load_sweep(_write(tmp_path, mode="fixed_total_ipc", total_ipc=4, num_stages=[1, 2, 4], budget_epochs=400))
+    for p, ipc in param_space(sweep)["layout"]["grid_search"]:
+        cfg = load_config(sweep.base, trial_overrides(sweep, {"layout": [p, ipc]}))
+        assert cfg.evaluation.epochs_per_stage * p == 400
+    with pytest.raises(PddError, match="budget_epochs"):
+        load_sweep(_write(tmp_path, num_stages=[1, 3], budget_epochs=400))
+
+
 def test_fixed_total_ipc_errors_are_one_line(tmp_path):
     with pytest.raises(PddError) as err:
         load_sweep(_write(tmp_path, mode="fixed_total_ipc", total_ipc=10, num_stages=[1, 3, 4]))
