@@ -7,7 +7,7 @@ import yaml
 
 from pdd_ray.config import load_config
 from pdd_ray.errors import PddError
-from pdd_ray.sweep import SweepConfig, _space_entry, load_sweep, param_space, trial_overrides
+from pdd_ray.sweep import _space_entry, load_sweep, param_space, trial_overrides
 
 from conftest import tiny_overrides
 
