@@ -238,6 +238,8 @@ def test_cli_run_prints_the_table(dm_run, capsys):
     out = capsys.readouterr().out
     for row in ("random subset", "PDD stage 1", "PDD stage 2", "full data"):
         assert row in out
+    # equal training budget: 2 stages x 40 epochs, so the random subset trains 80 in its one stage
+    assert "training budget: 80 epochs per row (PDD 2 stages x 40, random subset 80 in one stage)" in out
 
 
 def test_evaluate_artifact_reproduces_the_runs_numbers(dm_run, tmp_path, capsys):
