@@ -202,31 +202,38 @@ def test_two_stages_frozen_alpha_and_no_experts(dm_run):
     assert not torch.equal(result.stages[0].images, result.stages[1].images)
 
 
-def _iteration0_union(cfg, prepared) -> list:
-    """The sets DM starts from (each stage's seeded random real images), before any update."""
-    from pdd_ray.evaluation import StageSet, random_subset
-    from pdd_ray.seeding import derive_seed
+def test_stage_moved_its_images_down_the_dm_objective(dm_run):
+    """DM's update must improve on where the stage started: the final iterate of stage 1 (its
+    last Train checkpoint) has a lower DM loss than the iteration-0 set on the same fresh
+    networks, real batches and augmentations. With the update disabled the two sets are the
+    same tensor and the losses equal. (Accuracy is not the yardstick here: at these tiny sizes
+    selection may keep the iteration-0 set, which the final iterate does not depend on.)"""
+    from pathlib import Path
 
-    return [StageSet(*random_subset(prepared.bundle, cfg.distill.ipc_per_stage, derive_seed(cfg.seed, "stage-init", k)),
-                     lr=cfg.distill.lr_init, epochs=cfg.evaluation.epochs_per_stage)
-            for k in range(1, cfg.distill.num_stages + 1)]
-
-
-def test_distilled_union_beats_its_iteration_0_set(dm_run):
-    """DM's update must improve on where it started (with the update disabled, the distilled
-    union is the iteration-0 set and the two evaluations are identical)."""
-    from pdd_ray.evaluation import eval_sets_of, evaluate_progressive, recipe_from_config
+    from pdd_ray.distill.stage import STATE_FILE
+    from pdd_ray.evaluation import random_subset
     from pdd_ray.prepare import prepare
+    from pdd_ray.seeding import derive_seed
 
     cfg, _, report, _ = dm_run
     prepared = prepare(cfg)
-    start = _iteration0_union(cfg, prepared)
-    for s0, s in zip(start, report.distilled.stages):
-        assert s0.images.shape == s.images.shape and torch.equal(s0.labels, s.labels)
-    base = evaluate_progressive("iteration 0", prepared.spec, start, recipe_from_config(cfg.evaluation, cfg.augment.strategy),
-                                eval_sets_of(prepared.bundle), cfg.evaluation.runs, cfg.seed, progress=False)
-    got, before = report.pdd["convnet"].mean("test")[-1], base.mean("test")[-1]
-    assert got > before, (got, before)
+    b = prepared.bundle
+    init_x, init_y = random_subset(b, cfg.distill.ipc_per_stage, derive_seed(cfg.seed, "stage-init", 1))
+    states = [torch.load(p, map_location="cpu", weights_only=True)
+              for p in Path(report.distilled.directory, "train", "stage_1").glob(f"checkpoint_*/{STATE_FILE}")]
+    final = max(states, key=lambda s: int(s["iteration"]))
+    assert int(final["iteration"]) == cfg.distill.iterations
+    task = SimpleNamespace(params={"batch_real": cfg.dm.batch_real}, spec=prepared.spec, store_root="", expert_key=None,
+                           expert_indices=[], augment=cfg.augment.strategy, frozen_images=init_x[:0],
+                           frozen_labels=init_y[:0], new_labels=init_y, real_ref=(b.train_x, b.train_y))
+    method = DmMethod(task, torch.device("cpu"))
+
+    def mean_loss(x: torch.Tensor) -> float:
+        x = x.clone().requires_grad_(True)
+        return sum(method.update(0, 0, x, torch.tensor(0.01), generator(1000 + s)).loss for s in range(8)) / 8
+
+    start, end = mean_loss(init_x), mean_loss(final["images"])
+    assert end < 0.9 * start, (start, end)
 
 
 def test_cli_run_prints_the_table(dm_run, capsys):
