@@ -26,6 +26,7 @@ CONSUMED = {
     "experts.epochs": "experts.epochs=12",
     "experts.lr": "experts.lr=0.05",
     "experts.momentum": "experts.momentum=0.5",
+    "experts.weight_decay": "experts.weight_decay=0.001",
     "experts.batch_size": "experts.batch_size=64",
     "experts.keep_all_epochs": "experts.keep_all_epochs=true",
     "distill.num_stages": "distill.num_stages=3",
@@ -89,7 +90,7 @@ NOT_CONSUMED = {
 
 #: Settings deliberately not perturbed here (changing them needs other data or hardware).
 UNTESTED = {"data.dataset", "data.root", "data.image_size", "data.test_fraction", "model.arch",
-            "model.depth", "model.pooling", "experts.weight_decay", "distill.method", "distill.use_gpu",
+            "model.depth", "model.pooling", "distill.method", "distill.use_gpu",
             "experts.gpus", "evaluation.gpus_per_run"}
 
 
