@@ -21,6 +21,8 @@ CONSUMED = {
     "data.zca": "data.zca=true",
     "model.width": "model.width=32",
     "model.norm": "model.norm=batch",
+    "model.pooling": "model.pooling=max",
+    "data.test_fraction": "data.test_fraction=0.3",
     "augment.strategy": "augment.strategy=none",
     "experts.num_experts": "experts.num_experts=4",
     "experts.epochs": "experts.epochs=12",
@@ -89,8 +91,7 @@ NOT_CONSUMED = {
 }
 
 #: Settings deliberately not perturbed here (changing them needs other data or hardware).
-UNTESTED = {"data.dataset", "data.root", "data.image_size", "data.test_fraction", "model.arch",
-            "model.depth", "model.pooling", "distill.method", "distill.use_gpu",
+UNTESTED = {"data.dataset", "data.root", "data.image_size", "model.arch", "model.depth", "distill.method", "distill.use_gpu",
             "experts.gpus", "evaluation.gpus_per_run"}
 
 
