@@ -28,12 +28,24 @@ def test_nonfinite_problem_names_the_value_stage_iteration_and_cause():
     assert "synthetic images" in msg and "(inf)" in msg and "dm.lr_img = 5" in msg
 
 
+def test_diverged_images_are_a_problem_too():
+    from pdd_ray.distill.stage import DIVERGED_FACTOR, diverged_problem
+
+    task = SimpleNamespace(stage=1, method="mtt", lr_img=1e12, lr_lr=1e-5, image_limit=3.0)
+    assert diverged_problem(task, 0, torch.full((2, 2), 3.0 * DIVERGED_FACTOR)) is None
+    msg = diverged_problem(task, 4, torch.tensor([1.0, -1.5e9]))
+    assert "\n" not in msg and msg.startswith("stage 1, iteration 4: the synthetic images diverged")
+    assert "1.5e+09" in msg and "distill.lr_img = 1e+12" in msg
+    assert diverged_problem(SimpleNamespace(image_limit=None), 0, torch.tensor([1e30])) is None
+
+
 def test_huge_image_lr_stops_with_one_line_and_writes_no_nan(ray_session, tmp_path):
     cfg = load_config("digits", tiny_overrides(str(tmp_path / "out")) + ["distill.lr_img=1e12"])
     with pytest.raises(PddError) as err:
         distill(cfg, prepare(cfg), progress=False)
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith("stage 1, iteration ") and "not finite" in msg
+    assert "\n" not in msg and msg.startswith("stage 1, iteration ")
+    assert "not finite" in msg or "diverged" in msg
     assert "distill.lr_img = 1e+12" in msg
     d = run_dir(cfg)
     assert not (d / "artifact").exists() and not (d / "stage_1" / "manifest.json").exists()

@@ -335,6 +335,7 @@ def run_stage(
         progress=board,
         log_target=log_target,
         deterministic=d.deterministic,
+        image_limit=float(b.train_x.abs().max()),
     )
     trainer = TorchTrainer(
         stage_worker,

@@ -72,6 +72,7 @@ class StageTask:
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
     log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
+    image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
 
 
 def use_deterministic(on: bool) -> None:
@@ -155,6 +156,26 @@ def nonfinite_problem(task: StageTask, iteration: int, **values: torch.Tensor | 
                     f"too large (or distill.lr_lr = {task.lr_lr:g}); lower it and re-run (the stage resumes from its "
                     f"last finite checkpoint)")
     return None
+
+
+#: Images more than this many times the largest real pixel magnitude have diverged: with
+#: instance norm the network is blind to the scale of its input, so a far too large image lr
+#: (``pdd-ray run digits distill.lr_img=1e12``) leaves the loss finite while the images grow
+#: to ~1e9 and carry no information; that is an error too, not an artifact.
+DIVERGED_FACTOR = 1e4
+
+
+def diverged_problem(task: StageTask, iteration: int, images: torch.Tensor) -> str | None:
+    """A one-line description when the images left the real data's range by ``DIVERGED_FACTOR``."""
+    if task.image_limit is None:
+        return None
+    peak = float(images.detach().abs().max()) if images.numel() else 0.0
+    if peak <= DIVERGED_FACTOR * task.image_limit:
+        return None
+    key = IMAGE_LR_KEY.get(task.method, "the method's image learning rate")
+    return (f"stage {task.stage}, iteration {iteration}: the synthetic images diverged (max |x| = {peak:.3g}, "
+            f"the real data lie within ±{task.image_limit:.3g}); likely cause: {key} = {task.lr_img:g} is too large; "
+            f"lower it and re-run")
 
 
 def _save_checkpoint(state: dict, metrics: dict) -> None:
@@ -269,7 +290,8 @@ def stage_worker(config: dict) -> None:
                 opt_lr.step()
                 with torch.no_grad():
                     alpha.clamp_(min=alpha_min)
-            problem = nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach())
+            problem = (nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach())
+                       or diverged_problem(task, it, new_x))
         if problem is not None:  # stop without a checkpoint: the latest one is the last finite state
             if logger is not None:
                 logger.flush()
