@@ -46,6 +46,7 @@ from pdd_ray.experts.produce import (
 )
 from pdd_ray.experts.store import TrajectoryStore, store_key
 from pdd_ray.experts.trajectory import Warmup
+from pdd_ray.locks import file_lock
 from pdd_ray.prepare import Prepared
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
@@ -395,12 +396,28 @@ class DistillResult:
     seconds: dict[str, float]
 
 
+def run_lock(cfg: PddConfig):
+    """Exclusive lock on ``cfg``'s run directory (a context manager; see :mod:`pdd_ray.locks`).
+
+    Two runs of the same config in one storage would otherwise train the same stages twice and
+    rewrite each other's artifact; with it the second waits, then finds every stage finished.
+    The lock file sits beside the run directory, so deleting the directory cannot split it.
+    """
+    directory = run_dir(cfg)
+    return file_lock(directory.parent / f".{directory.name}.lock", f"run directory {directory}")
+
+
 def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None, tracker=None) -> DistillResult:
-    """Run (or resume) every stage of ``cfg`` and write the artifact.
+    """Run (or resume) every stage of ``cfg`` and write the artifact, holding :func:`run_lock`.
 
     ``on_stage(k, outcome)`` runs after each stage (a Tune trial reports there); ``tracker`` (a
     :class:`pdd_ray.tracking.RunTracker`) gets a child run per stage.
     """
+    with run_lock(cfg):
+        return _distill(cfg, prepared, progress, on_stage, tracker)
+
+
+def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, tracker) -> DistillResult:
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_config(cfg))

@@ -20,7 +20,8 @@ by a delete. Readers still never see a partial final object (a copy appears whol
 at all), but a crash between the copy and the delete leaves a temp object behind
 (:meth:`TrajectoryStore.clean_temp` removes it), and S3 copies a single object in one
 request, which caps one expert file at 5 GiB there. Two workers writing the same expert
-both produce complete files; the last move wins.
+both produce complete files; the last move wins. On local and NFS roots, producers hold
+:meth:`TrajectoryStore.lock` per key, so two runs never train the same expert at once.
 
 No pickle: metadata is JSON, arrays are Arrow.
 """
@@ -35,6 +36,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from pdd_ray.errors import PddError
+from pdd_ray.locks import file_lock
 
 __all__ = ["FORMAT_VERSION", "TrajectoryReader", "TrajectoryStore", "store_key"]
 
@@ -342,6 +345,20 @@ class TrajectoryStore:
             if m and info.base_name == f"expert_{int(m.group(1)):05d}.arrow":
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def lock(self, key: str, timeout: float | None = None) -> AbstractContextManager:
+        """Exclusive cross-process lock on ``key`` (a context manager), for its writers.
+
+        Held while a process decides which experts are missing and trains them, so a second
+        run with the same experts waits and then finds them present instead of training them
+        again (and :meth:`clean_temp` never deletes a live writer's temp file). Local and NFS
+        roots lock ``<root>/<key>.lock`` (:mod:`pdd_ray.locks`); object stores cannot lock,
+        there concurrent writers both produce complete files and the last move wins.
+        """
+        if not self._local:
+            return nullcontext()
+        return file_lock(self._fs_join(_check_key(key)) + ".lock", f"experts {self._shown(self._fs_join(key))}",
+                         timeout=timeout)
 
     def clean_temp(self, key: str) -> int:
         """Delete temp files left by crashed writers under ``key``; return how many.
