@@ -59,9 +59,9 @@ def test_flipped_bytes_inside_a_snapshot_are_caught(tmp_path):
 
 def test_4kb_of_random_bytes_in_the_middle_is_a_one_line_error(tmp_path):
     """The issue's experiment: 4 KB of random bytes in the middle of expert_00000.arrow."""
-    store, _, path = _expert(tmp_path)
-    size = path.stat().st_size
-    _overwrite(path, size // 2 - 2048, np.random.default_rng(7).bytes(4096))
+    store, params, path = _expert(tmp_path)
+    at = path.read_bytes().index(params[2].tobytes()[:64]) + 4096  # inside a snapshot's values, as there
+    _overwrite(path, at, np.random.default_rng(7).bytes(4096))
     with pytest.raises(PddError, match="truncated or corrupt") as exc:
         _read_all(store)
     assert "\n" not in str(exc.value)
