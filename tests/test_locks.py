@@ -123,16 +123,16 @@ def test_half_migrated_store_is_refused_with_the_fix(tmp_path):
     uri = f"sqlite:///{db}"
     ensure_store(uri)
     ensure_store(uri)  # a whole store passes, again and again
-    con = sqlite3.connect(db)  # what a crashed concurrent creation leaves: an older version + a temp table
-    con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
-    con.execute("CREATE TABLE _alembic_tmp_metrics (key VARCHAR(250))")
+    con = sqlite3.connect(db)  # the state two racing creations left in the reproduction
+    con.execute("UPDATE alembic_version SET version_num = '4465047574b1'")
+    con.execute("CREATE TABLE _alembic_tmp_tags (key VARCHAR(250))")
     con.commit()
     con.close()
     from pdd_ray.config import load_config
     from pdd_ray.tracking import RunTracker
 
     cfg = load_config("digits", [f"storage={tmp_path}", "tracking.enabled=true"])
-    with pytest.raises(PddError, match=r"half-created .*_alembic_tmp_metrics.*mv .*mlflow.db .*mlflow.db.broken"):
+    with pytest.raises(PddError, match=r"half-created .*_alembic_tmp_tags.*mv .*mlflow.db .*mlflow.db.broken"):
         RunTracker(cfg)
     db.rename(db.with_name("mlflow.db.broken"))  # the fix it names works
     tracker = RunTracker(cfg)
