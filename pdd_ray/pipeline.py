@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdd_ray.config import PddConfig
-from pdd_ray.distill.driver import DistillResult, distill
+from pdd_ray.distill.driver import DistillResult, distill, run_lock
 from pdd_ray.evaluation import (
     EvalResult,
     budget_epochs,
@@ -100,10 +100,19 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
         on_stage=None, baselines: bool = True) -> RunReport:
     """Distill (or resume) and evaluate; returns the report and writes ``results.json``.
 
+    The whole run holds the run directory's lock (:func:`pdd_ray.distill.driver.run_lock`): a
+    concurrent run of the same config waits, then reuses the finished experts and stages.
     With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
     when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.
     """
     prepared = prepare(cfg)
+    with run_lock(cfg):  # a second run of this config waits here, then reuses the first one's work
+        return _tracked_run(cfg, prepared, progress, parent_run_id, run_name, on_stage, baselines)
+
+
+def _tracked_run(cfg: PddConfig, prepared: Prepared, progress: bool, parent_run_id: str | None,
+                 run_name: str | None, on_stage, baselines: bool) -> RunReport:
+    """:func:`run` once its run directory is locked: Ray, the MLflow run, the work, the report."""
     ensure_ray()
     tracker = None
     if cfg.tracking.enabled:

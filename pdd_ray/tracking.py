@@ -22,6 +22,7 @@ import numpy as np
 from pdd_ray import __version__
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.errors import PddError
+from pdd_ray.mlflow_store import ensure_store
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -168,6 +169,7 @@ class RunTracker:
 
     def __post_init__(self) -> None:
         self.uri = tracking_uri(self.cfg)
+        ensure_store(self.uri)  # a new sqlite store is created once, under a lock (concurrent runs)
         self.client = _client(self.uri)
         self.experiment_id = experiment_id(self.client, self.cfg.tracking.experiment,
                                            artifact_location(self.cfg, self.uri))

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from pdd_ray.errors import PddError
+from pdd_ray.mlflow_store import ensure_store
 
 
 def free_port() -> int:
@@ -81,6 +82,7 @@ def experiment_runs_url(base: str, db: Path, experiment: str = "pdd_ray") -> str
 def serve(path: str, port: int | None = None, experiment: str = "pdd_ray") -> int:
     """Start the UI, print its URL, and stop cleanly on Ctrl-C."""
     db = find_store(path)
+    ensure_store(f"sqlite:///{db}")  # a half-migrated store: one line naming the fix, not a server crash
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(db, port)

@@ -121,3 +121,18 @@ def test_second_run_does_no_distillation_work(finished, monkeypatch):
     again = distill(cfg, prepared, progress=False)
     for a, b in zip(again.stages, result.stages):
         assert torch.equal(a.images, b.images) and a.lr == b.lr
+
+
+def test_refinished_stage_keeps_one_row_per_evaluation(finished):
+    """Issue 17 item 6: stage 2's record deleted, the stage re-finished from its final checkpoint."""
+    import shutil
+
+    cfg, prepared, result = finished
+    before = load_stage(result.directory, 2)
+    shutil.rmtree(result.directory / "stage_2")
+    again = distill(cfg, prepared, progress=False)
+    after = load_stage(result.directory, 2)
+    iterations = [i for i, _ in after.val_history]
+    assert iterations == sorted(set(iterations)) == [0, 2, 4]  # eval_every 2, iterations 4: no repeated last row
+    assert after.val_history == before.val_history and after.losses == before.losses
+    assert torch.equal(again.stages[1].images, result.stages[1].images)

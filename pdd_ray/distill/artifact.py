@@ -11,6 +11,9 @@ Layout (format 1)::
       zca.npz            the whitening (when ZCA is on): mean, matrix, inverse_matrix
       grid_stage_1.png   the images of stage k, one row per class, in pixel space (inverse ZCA)
 
+The manifest's ``sha256`` maps every other file to its digest; :func:`load_distilled` checks
+them all before reading (artifacts written before the digests existed are read unverified).
+
 Users complained that released sets came without their evaluation recipe (MTT #29, DATM #17)
 or only in ZCA space (MTT #11); here the manifest says exactly how to train on the stages,
 and ``load_distilled`` returns ready-to-train tensors.
@@ -33,6 +36,7 @@ from pdd_ray import __version__
 from pdd_ray.data import ZCA
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
+from pdd_ray.integrity import file_sha256, verify_files
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.training import TrainRecipe
 
@@ -161,6 +165,8 @@ def write_artifact(
         }
         if decode is not None:
             manifest["decode"] = decode
+        # a digest per file: load_distilled refuses damaged bytes instead of training on them
+        manifest["sha256"] = {f.name: file_sha256(f) for f in sorted(tmp_dir.iterdir()) if f.is_file()}
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -181,8 +187,12 @@ def load_distilled(path: str | Path) -> Distilled:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise PddError(f"artifact manifest {manifest_path} is not valid JSON: {exc.msg}") from None
-    if manifest.get("format") != FORMAT:
-        raise PddError(f"artifact {root} has format {manifest.get('format')!r}; this pdd_ray reads format {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PddError(f"artifact {root} has format {found!r}; this pdd_ray reads format {FORMAT}")
+    if "sha256" in manifest:  # artifacts written before digests existed are read unverified
+        verify_files(root, manifest["sha256"], f"artifact {root}",
+                     "re-run the run that made it (`pdd-ray run` rewrites the artifact from its stage records)")
     stages = []
     for entry in manifest["stages"]:
         file = root / entry["file"]

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from pdd_ray.experts.produce import (
 )
 from pdd_ray.experts.store import TrajectoryStore, store_key
 from pdd_ray.experts.trajectory import Warmup
+from pdd_ray.integrity import file_sha256, verify_files
+from pdd_ray.locks import file_lock
 from pdd_ray.prepare import Prepared, data_settings
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
@@ -180,27 +183,50 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
-    """Record stage k as finished: images first, manifest last (the manifest marks completion)."""
+    """Record stage k as finished: images first, manifest last (the manifest marks completion).
+
+    The manifest lists the SHA-256 of ``stage.npz``, so :func:`load_stage` can tell a damaged
+    record from a good one.
+    """
     d = directory / f"stage_{k}"
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".stage.tmp-{uuid.uuid4().hex}.npz"
     np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(), losses=np.array(out.losses, dtype=np.float64),
              val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2))
+    digest = file_sha256(tmp)
     os.replace(tmp, d / "stage.npz")
     _write_json(d / "manifest.json", {"stage": k, "done": True, "alpha": out.alpha,
-                                      "best_val_acc": out.best_val_acc, "best_iteration": out.best_iteration})
+                                      "best_val_acc": out.best_val_acc, "best_iteration": out.best_iteration,
+                                      "sha256": {"stage.npz": digest}})
 
 
 def load_stage(directory: Path, k: int) -> StageOutcome | None:
-    """A finished stage's record, or None when stage k has not finished."""
+    """A finished stage's record, or None when stage k has not finished.
+
+    A record that does not match its manifest's digest, or cannot be parsed, is a
+    :class:`PddError`: training on damaged images would go unnoticed. Records written before
+    digests existed (no ``sha256`` in the manifest) are read unverified.
+    """
     d = directory / f"stage_{k}"
     if not (d / "manifest.json").is_file():
         return None
-    m = json.loads((d / "manifest.json").read_text())
-    with np.load(d / "stage.npz", allow_pickle=False) as z:
-        return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
-                            float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
-                            z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]])
+    fix = (f"delete {d} and re-run: the stage is finished again from its last checkpoint "
+           f"({directory / 'train' / f'stage_{k}'}), or distilled again if that is gone")
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        if not isinstance(m, dict):
+            raise ValueError(f"holds a {type(m).__name__}, not an object")
+        if "sha256" in m:
+            verify_files(d, m["sha256"], f"stage record {d}", fix)
+        with np.load(d / "stage.npz", allow_pickle=False) as z:
+            return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
+                                float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
+                                z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]])
+    except PddError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        why = " ".join(str(err).split())[:160]
+        raise PddError(f"stage record {d} is truncated or corrupt ({type(err).__name__}: {why}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,12 +497,28 @@ class DistillResult:
     seconds: dict[str, float]
 
 
+def run_lock(cfg: PddConfig):
+    """Exclusive lock on ``cfg``'s run directory (a context manager; see :mod:`pdd_ray.locks`).
+
+    Two runs of the same config in one storage would otherwise train the same stages twice and
+    rewrite each other's artifact; with it the second waits, then finds every stage finished.
+    The lock file sits beside the run directory, so deleting the directory cannot split it.
+    """
+    directory = run_dir(cfg)
+    return file_lock(directory.parent / f".{directory.name}.lock", f"run directory {directory}")
+
+
 def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None, tracker=None) -> DistillResult:
-    """Run (or resume) every stage of ``cfg`` and write the artifact.
+    """Run (or resume) every stage of ``cfg`` and write the artifact, holding :func:`run_lock`.
 
     ``on_stage(k, outcome)`` runs after each stage (a Tune trial reports there); ``tracker`` (a
     :class:`pdd_ray.tracking.RunTracker`) gets a child run per stage.
     """
+    with run_lock(cfg):
+        return _distill(cfg, prepared, progress, on_stage, tracker)
+
+
+def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, tracker) -> DistillResult:
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_config(cfg))

@@ -253,9 +253,10 @@ def stage_worker(config: dict) -> None:
 
         logger = StageLogger(task.log_target)
 
-    val_acc = float("nan")
+    val_acc = val_history[-1][1] if val_history else float("nan")
+    evaluated = {i for i, _ in val_history}  # a finished stage's final checkpoint already holds its last row
     for it in range(start_it, task.iterations + 1):
-        if it % task.eval_every == 0 or it == task.iterations:
+        if (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
             if rank == 0:
                 union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
                 union_y = torch.cat([task.frozen_labels, task.new_labels])

@@ -8,6 +8,7 @@ skips the files that already exist, so a killed run loses at most the experts in
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import ray
@@ -220,8 +221,19 @@ def produce(
     """Run the missing ``jobs`` on a pool of actors; returns one summary per job run now.
 
     The pool size follows from the cluster's free resources and the per-expert request
-    (``cpus``/``gpus``, fractional GPUs let several small experts share a device).
+    (``cpus``/``gpus``, fractional GPUs let several small experts share a device). Each key's
+    store lock is held throughout, so a concurrent producer of the same experts waits and then
+    finds them present.
     """
+    with ExitStack() as locks:
+        for key in sorted({j.key for j in jobs}):  # sorted: two producers never wait on each other
+            locks.enter_context(store.lock(key))
+        return _produce_locked(store, jobs, prepared, cpus, gpus, desc, progress, on_done)
+
+
+def _produce_locked(store: TrajectoryStore, jobs: list[ExpertJob], prepared: Prepared, cpus: float, gpus: float,
+                    desc: str, progress: bool, on_done) -> list[dict]:
+    """:func:`produce` with its keys locked: nobody else writes them now, so temp files are debris."""
     for key in {j.key for j in jobs}:
         store.clean_temp(key)
     todo = missing_jobs(store, jobs)

@@ -20,7 +20,8 @@ by a delete. Readers still never see a partial final object (a copy appears whol
 at all), but a crash between the copy and the delete leaves a temp object behind
 (:meth:`TrajectoryStore.clean_temp` removes it), and S3 copies a single object in one
 request, which caps one expert file at 5 GiB there. Two workers writing the same expert
-both produce complete files; the last move wins.
+both produce complete files; the last move wins. On local and NFS roots, producers hold
+:meth:`TrajectoryStore.lock` per key, so two runs never train the same expert at once.
 
 No pickle: metadata is JSON, arrays are Arrow.
 """
@@ -34,7 +35,9 @@ import os
 import posixpath
 import re
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -43,6 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from pdd_ray.errors import PddError
+from pdd_ray.locks import file_lock
 
 __all__ = ["FORMAT_VERSION", "TrajectoryReader", "TrajectoryStore", "store_key"]
 
@@ -53,6 +57,7 @@ _META = b"pdd_ray.meta"
 _FORMAT = b"pdd_ray.format"
 _ROWS = b"pdd_ray.rows"
 _EPOCHS = b"pdd_ray.epochs"  # lets a reader know every epoch without fetching any batch
+_CRC = b"pdd_ray.crc32"  # one CRC-32 per row (snapshot) over its values: damage inside a batch shows
 
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _FINAL_RE = re.compile(r"expert_(\d{5,})\.arrow")
@@ -185,6 +190,18 @@ def _fixed_list(row: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(row), row.shape[0])
 
 
+def _row_crc(values: Sequence[np.ndarray]) -> int:
+    """CRC-32 of one row's values (params, then each extra column), as their native bytes.
+
+    CRC-32 rather than a cryptographic hash: it only has to catch accidental damage, and it
+    runs at memory speed (a 1.3 MB ConvNet-3 CIFAR snapshot: 0.6 ms on a busy shared CPU).
+    """
+    crc = 0
+    for v in values:
+        crc = zlib.crc32(np.ascontiguousarray(v).view(np.uint8), crc)
+    return crc
+
+
 def _row_batch(schema: pa.Schema, epoch: int, params: np.ndarray, extras: list[np.ndarray]) -> pa.RecordBatch:
     """Build the record batch for one saved epoch (module level so tests can break it)."""
     arrays = [pa.array([epoch], pa.int32()), _fixed_list(params)] + [_fixed_list(e) for e in extras]
@@ -313,6 +330,7 @@ class TrajectoryStore:
                 _FORMAT: FORMAT_VERSION.encode(),
                 _ROWS: str(rows).encode(),
                 _EPOCHS: _dumps(saved).encode(),
+                _CRC: _dumps([_row_crc([params[t], *(e[t] for e in extras.values())]) for t in range(rows)]).encode(),
             }
         )
 
@@ -342,6 +360,20 @@ class TrajectoryStore:
             if m and info.base_name == f"expert_{int(m.group(1)):05d}.arrow":
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def lock(self, key: str, timeout: float | None = None) -> AbstractContextManager:
+        """Exclusive cross-process lock on ``key`` (a context manager), for its writers.
+
+        Held while a process decides which experts are missing and trains them, so a second
+        run with the same experts waits and then finds them present instead of training them
+        again (and :meth:`clean_temp` never deletes a live writer's temp file). Local and NFS
+        roots lock ``<root>/<key>.lock`` (:mod:`pdd_ray.locks`); object stores cannot lock,
+        there concurrent writers both produce complete files and the last move wins.
+        """
+        if not self._local:
+            return nullcontext()
+        return file_lock(self._fs_join(_check_key(key)) + ".lock", f"experts {self._shown(self._fs_join(key))}",
+                         timeout=timeout)
 
     def clean_temp(self, key: str) -> int:
         """Delete temp files left by crashed writers under ``key``; return how many.
@@ -452,6 +484,10 @@ class TrajectoryReader:
             self.param_count: int = params_type.list_size
             if self._reader.num_record_batches != self.num_rows or len(self.epochs) != self.num_rows:
                 self._corrupt(f"{self._reader.num_record_batches} batches for {self.num_rows} rows")
+            # files written before checksums existed have none: they are read unverified
+            self._crc: list[int] | None = json.loads(md[_CRC].decode("utf-8")) if _CRC in md else None
+            if self._crc is not None and len(self._crc) != self.num_rows:
+                self._corrupt(f"{len(self._crc)} checksums for {self.num_rows} rows")
         except PddError:
             source.close()
             raise
@@ -460,6 +496,7 @@ class TrajectoryReader:
             self._corrupt(str(err))
         self.columns: list[str] = [n for n in schema.names if n not in _RESERVED_COLUMNS]
         self._row_of = {e: i for i, e in enumerate(self.epochs)}
+        self._verified: set[int] = set()  # rows whose checksum matched: each is checked once per reader
         self._closed = False
 
     def _corrupt(self, why: str) -> None:
@@ -498,6 +535,14 @@ class TrajectoryReader:
             self._corrupt(f"row {row}: {err}")
         if batch.num_rows != 1 or stored_epoch != self.epochs[row]:
             self._corrupt(f"row {row} does not match the epoch index")
+        if self._crc is not None and row not in self._verified:
+            try:
+                crc = _row_crc([self._values(batch.column(i)) for i in range(1, batch.num_columns)])
+            except (pa.ArrowException, ValueError) as err:
+                self._corrupt(f"row {row}: {err}")
+            if crc != self._crc[row]:
+                self._corrupt(f"row {row} (epoch {self.epochs[row]}) does not match its checksum")
+            self._verified.add(row)
         return batch
 
     @staticmethod
