@@ -25,13 +25,30 @@ def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
+def _split_config_and_overrides(args: argparse.Namespace, attr: str = "config") -> tuple[str | None, list[str]]:
+    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here.
+
+    Overrides may come before or after the config name (``run seed=1 digits`` or ``run digits
+    seed=1``); the one word without ``=`` is the config. Two such words are an error.
+    """
+    words = ([getattr(args, attr)] if getattr(args, attr) is not None else []) + list(args.overrides)
+    configs = [w for w in words if "=" not in w]
+    if len(configs) > 1:
+        raise PddError(f"two configs given ({configs[0]!r} and {configs[1]!r}); pass one preset or YAML file, "
+                       "then key.sub=value overrides")
+    return (configs[0] if configs else None), [w for w in words if "=" in w]
+
+
+def _collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Overrides are accepted anywhere among the options (``run digits seed=1 --no-progress
+    storage=/x``): argparse fills a positional list only once, so the words it left over are
+    appended to the command's overrides (the command sorts out a config name among them, see
+    :func:`_split_config_and_overrides`); unknown options are refused as argparse would."""
+    rest = [w for w in extra if w.startswith("-") or not hasattr(args, "overrides")]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = list(args.overrides) + list(extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,10 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pdd_ray.distill.reevaluate import reevaluate_artifact
 
         return reevaluate_artifact(args)
-    config, overrides = args.artifact, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
+    config, overrides = _split_config_and_overrides(args, "artifact")
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.root:
@@ -227,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    for name, p in sub.choices.items():  # the README promises --no-progress on every command
+        try:
+            p.add_argument("--no-progress", action="store_true",
+                           help="no progress bars (this command draws none, or none unless asked)")
+        except argparse.ArgumentError:  # the command has its own
+            pass
     return parser
 
 
@@ -243,7 +263,8 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_jobs_com
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _collect_overrides(parser, args, extra)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
