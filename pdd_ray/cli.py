@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -110,10 +111,11 @@ def cmd_experts(args: argparse.Namespace) -> int:
     from pdd_ray.config import load_config
     from pdd_ray.experts.produce import expert_store_root, stage1_experts
     from pdd_ray.prepare import prepare
-    from pdd_ray.runtime import ensure_ray
+    from pdd_ray.runtime import ensure_ray, ensure_storage
 
     config, overrides = _split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
     tracker = None
@@ -124,9 +126,9 @@ def cmd_experts(args: argparse.Namespace) -> int:
         tracker.log_dataset(prepared.bundle)
     try:
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
-    except BaseException:
+    except BaseException as err:
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.log_expert_summaries(key, summaries)
@@ -146,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pdd_ray.pipeline import print_report, run
 
     config, overrides = _split_config_and_overrides(args)
+    if args.no_baselines:
+        overrides.append("evaluation.baselines=false")
     cfg = load_config(config, overrides)
     report = run(cfg, progress=not args.no_progress)
     print_report(cfg, report)
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the same command resumes or skips finished work.",
     )
     _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the random-subset and full-data rows (same as evaluation.baselines=false)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser(
@@ -265,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _collect_overrides(parser, args, extra)
+    if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
+        from pdd_ray.progress import enable_lines
+
+        enable_lines()
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
@@ -274,8 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdd-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from pdd_ray.runtime import shutdown_ray
+
         print("pdd-ray: interrupted", file=sys.stderr)
+        shutdown_ray()
         return 130
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"pdd-ray: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
+
+
+#: Errors of the machine rather than of pdd_ray (a folder that cannot be created, a full or
+#: read-only disk): one line, exit 2, like bad input.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
 if __name__ == "__main__":  # pragma: no cover

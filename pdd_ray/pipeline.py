@@ -25,7 +25,8 @@ from pdd_ray.evaluation import (
     recipe_from_config,
 )
 from pdd_ray.prepare import Prepared, prepare
-from pdd_ray.runtime import ensure_ray
+from pdd_ray.progress import phase
+from pdd_ray.runtime import ensure_ray, ensure_storage
 
 
 @dataclass
@@ -48,20 +49,30 @@ class RunReport:
         decoded = self.distilled.stages[0].images.shape[0] // n_classes  # what networks train on
         for arch, res in self.pdd.items():
             means, stds = res.mean() * 100, res.std() * 100
+            health = self.distilled.health
             for k in range(len(means)):
                 setting = f"ipc {stored * (k + 1)}" + (f" ({decoded * (k + 1)} decoded)" if decoded != stored else "")
-                rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]"),
-                             setting, float(means[k]), float(stds[k])))
+                mark = health[k].mark if k < len(health) else ""  # a diverged stage is not PDD: say so
+                rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]")
+                             + (f" ({mark})" if mark else ""), setting, float(means[k]), float(stds[k])))
         if self.full is not None:
             rows.append(("full data", "all images", *self.full.final))
         return rows
+
+    def _health_flags(self, k: int) -> dict:
+        """Stage k's divergence flags for results.json (kept_initialisation, validation_collapsed, ...)."""
+        if k >= len(self.distilled.health):
+            return {}
+        return {key: v for key, v in self.distilled.health[k].to_dict().items()
+                if key not in ("stage", "best_iteration", "best_val_acc")}
 
     def to_dict(self) -> dict:
         return {
             "run_dir": str(self.distilled.directory),
             "artifact": str(self.distilled.artifact),
             "stages": [
-                {"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc, "best_iteration": o.best_iteration}
+                {"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc, "best_iteration": o.best_iteration,
+                 **self._health_flags(k)}
                 for k, o in enumerate(self.distilled.outcomes)
             ],
             "pdd": {a: r.to_dict() for a, r in self.pdd.items()},
@@ -100,6 +111,7 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
     With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
     when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.
     """
+    ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
     tracker = None
@@ -110,9 +122,9 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
         tracker.log_dataset(prepared.bundle)
     try:
         report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
-    except BaseException:
+    except BaseException as err:  # Ctrl-C included: no run is left RUNNING
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.on_report(report)
@@ -125,14 +137,18 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     result = distill(cfg, prepared, progress=progress, on_stage=on_stage, tracker=tracker)
     seconds = dict(result.seconds)
     t0 = time.perf_counter()
-    pdd = evaluate_distilled(cfg, prepared, result, progress)
+    with phase("evaluation"):
+        pdd = evaluate_distilled(cfg, prepared, result, progress)
     seconds["evaluation"] = time.perf_counter() - t0
     random = full = None
-    if baselines:
+    if baselines and cfg.evaluation.baselines:
         t0 = time.perf_counter()
         ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
-        random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress)
-        full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
+        cache = baseline_cache(cfg)
+        with phase("baselines"):
+            random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
+                                              cache)
+            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     report = RunReport(result, pdd, random, full, seconds)
@@ -141,6 +157,12 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     tmp.write_text(json.dumps(report.to_dict(), indent=2))
     os.replace(tmp, path)
     return report
+
+
+def baseline_cache(cfg: PddConfig) -> Path | None:
+    """``<storage>/baselines``: baseline results by digest of what they consume (local storage only)."""
+    root = cfg.storage_root.removeprefix("file://")
+    return None if "://" in root else Path(root) / "baselines"
 
 
 def print_report(cfg: PddConfig, report: RunReport) -> None:
