@@ -156,35 +156,40 @@ class ProgressBoard:
 
 def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -> None:
     bar = tqdm(total=total, desc=desc, unit="it", disable=not enabled)
-    last = 0
-    shown: dict = {}
-    lines: Milestones | None = None  # plain lines (--no-progress): every ~10 % of the iterations
-    first: tuple[int, float] | None = None  # (iteration, time) first seen: the rate excludes Train's start-up
-    while not stop.is_set():
+    seen = {"last": 0, "shown": {}, "lines": None, "first": None}
+
+    def poll() -> None:
         try:
             s = ray.get(board.get.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - the bar is cosmetic; never break the run for it
             s = {}
+        last = seen["last"]
         it = int(s.get("iteration", last))
         post = {k: f"{v:.4g}" for k, v in s.items() if k in ("loss", "alpha", "val_acc") and v == v}
         # redraw only on news, once: job logs are not a TTY and keep every redraw as a line
-        if post and post != shown:
+        if post and post != seen["shown"]:
             bar.set_postfix(post, refresh=it <= last)
-            shown = post
-        if it > last:
-            if first is None:  # a resumed stage starts past 0
-                first = (last if last else it - 1, time.perf_counter())
-                lines = Milestones(total, start=first[0])
-            bar.update(it - last)
-            last = it
-            if lines is not None and lines.due(it):
-                val = s.get("val_acc", float("nan"))
-                val_s = f", val {val * 100:.1f}%" if val == val else ""
-                left = time_left(it - first[0], total - first[0], time.perf_counter() - first[1])
-                progress_log.info("%s: %d/%d it (%d%%), loss %.4g%s%s", desc, it, total, 100 * it // max(total, 1),
-                                  s.get("loss", float("nan")), val_s, f", {left}" if left else "")
+            seen["shown"] = post
+        if it <= last:
+            return
+        if seen["first"] is None:  # the rate excludes Train's start-up; a resumed stage starts past 0
+            seen["first"] = (last if last else it - 1, time.perf_counter())
+            seen["lines"] = Milestones(total, start=seen["first"][0])  # plain lines: every ~10 %
+        bar.update(it - last)
+        seen["last"] = it
+        if seen["lines"].due(it):
+            start, t0 = seen["first"]
+            val = s.get("val_acc", float("nan"))
+            val_s = f", val {val * 100:.1f}%" if val == val else ""
+            left = time_left(it - start, total - start, time.perf_counter() - t0)
+            progress_log.info("%s: %d/%d it (%d%%), loss %.4g%s%s", desc, it, total, 100 * it // max(total, 1),
+                              s.get("loss", float("nan")), val_s, f", {left}" if left else "")
+
+    while not stop.is_set():
+        poll()
         stop.wait(0.5)
-    bar.update(max(0, total - last))
+    poll()  # the last iterations finished after the previous poll
+    bar.update(max(0, total - seen["last"]))
     bar.close()
 
 
