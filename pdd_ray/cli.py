@@ -271,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _collect_overrides(parser, args, extra)
-    if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
-        from pdd_ray.progress import enable_lines
-
-        enable_lines()
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    from pdd_ray.progress import disable_lines, enable_lines
+
+    if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
+        enable_lines()
     try:
         return args.handler(args)
     except PddError as err:
@@ -292,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        where = f" {err.filename}" if err.filename else ""
-        print(f"pdd-ray: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"pdd-ray: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    finally:
+        disable_lines()
 
 
 #: Errors of the machine rather than of pdd_ray (a folder that cannot be created, a full or
