@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -25,13 +26,30 @@ def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
+def _split_config_and_overrides(args: argparse.Namespace, attr: str = "config") -> tuple[str | None, list[str]]:
+    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here.
+
+    Overrides may come before or after the config name (``run seed=1 digits`` or ``run digits
+    seed=1``); the one word without ``=`` is the config. Two such words are an error.
+    """
+    words = ([getattr(args, attr)] if getattr(args, attr) is not None else []) + list(args.overrides)
+    configs = [w for w in words if "=" not in w]
+    if len(configs) > 1:
+        raise PddError(f"two configs given ({configs[0]!r} and {configs[1]!r}); pass one preset or YAML file, "
+                       "then key.sub=value overrides")
+    return (configs[0] if configs else None), [w for w in words if "=" in w]
+
+
+def _collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Overrides are accepted anywhere among the options (``run digits seed=1 --no-progress
+    storage=/x``): argparse fills a positional list only once, so the words it left over are
+    appended to the command's overrides (the command sorts out a config name among them, see
+    :func:`_split_config_and_overrides`); unknown options are refused as argparse would."""
+    rest = [w for w in extra if w.startswith("-") or not hasattr(args, "overrides")]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = list(args.overrides) + list(extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,10 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pdd_ray.distill.reevaluate import reevaluate_artifact
 
         return reevaluate_artifact(args)
-    config, overrides = args.artifact, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
+    config, overrides = _split_config_and_overrides(args, "artifact")
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.root:
@@ -96,10 +111,11 @@ def cmd_experts(args: argparse.Namespace) -> int:
     from pdd_ray.config import load_config
     from pdd_ray.experts.produce import expert_store_root, stage1_experts
     from pdd_ray.prepare import prepare
-    from pdd_ray.runtime import ensure_ray
+    from pdd_ray.runtime import ensure_ray, ensure_storage
 
     config, overrides = _split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
     tracker = None
@@ -110,9 +126,9 @@ def cmd_experts(args: argparse.Namespace) -> int:
         tracker.log_dataset(prepared.bundle)
     try:
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
-    except BaseException:
+    except BaseException as err:
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.log_expert_summaries(key, summaries)
@@ -132,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pdd_ray.pipeline import print_report, run
 
     config, overrides = _split_config_and_overrides(args)
+    if args.no_baselines:
+        overrides.append("evaluation.baselines=false")
     cfg = load_config(config, overrides)
     report = run(cfg, progress=not args.no_progress)
     print_report(cfg, report)
@@ -200,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the same command resumes or skips finished work.",
     )
     _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the random-subset and full-data rows (same as evaluation.baselines=false)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser(
@@ -227,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    for name, p in sub.choices.items():  # the README promises --no-progress on every command
+        try:
+            p.add_argument("--no-progress", action="store_true",
+                           help="no progress bars (this command draws none, or none unless asked)")
+        except argparse.ArgumentError:  # the command has its own
+            pass
     return parser
 
 
@@ -243,18 +269,39 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_jobs_com
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _collect_overrides(parser, args, extra)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    from pdd_ray.progress import disable_lines, enable_lines
+
+    if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
+        enable_lines()
     try:
         return args.handler(args)
     except PddError as err:
         print(f"pdd-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from pdd_ray.runtime import shutdown_ray
+
         print("pdd-ray: interrupted", file=sys.stderr)
+        shutdown_ray()
         return 130
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"pdd-ray: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    finally:
+        disable_lines()
+
+
+#: Errors of the machine rather than of pdd_ray (a folder that cannot be created, a full or
+#: read-only disk): one line, exit 2, like bad input.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
 if __name__ == "__main__":  # pragma: no cover

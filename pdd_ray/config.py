@@ -205,6 +205,7 @@ class EvalConfig(_Section):
     augment: bool = True
     full_epochs: int = Field(60, ge=1)
     full_batch_size: int = Field(128, ge=1)
+    baselines: bool = True  # random-subset and full-data rows (`pdd-ray run --no-baselines` turns them off)
     archs: tuple[Literal["convnet", "resnet18", "vgg11", "alexnet"], ...] = ("convnet",)
     cpus_per_run: float = Field(1.0, gt=0.0)
     gpus_per_run: float = Field(0.0, ge=0.0)
@@ -439,8 +440,32 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         # ``method=dm`` overrides the preset's ``distill.method`` (a clash among the overrides still fails)
         extra = {**extra, "distill": {**extra.get("distill", {}), "method": extra["method"]}}
         del extra["method"]
-    data = _merge(read_yaml(path), extra)
+    base = read_yaml(path)
+    data = _merge(base, extra)
+    overridden = (extra.get("data") or {}).get("dataset") if isinstance(extra.get("data"), dict) else None
+    if "name" not in extra and overridden is not None and overridden != _dataset_of(base):
+        data["name"] = dataset_run_name(data)  # not digits-<key> for a run on someone's own images
     return build_config(data)
+
+
+def _dataset_of(data: dict[str, Any]) -> str:
+    """The dataset a config file names (the default when it names none)."""
+    section = data.get("data")
+    default = DataConfig.model_fields["dataset"].default
+    return section.get("dataset", default) if isinstance(section, dict) else default
+
+
+def dataset_run_name(data: dict[str, Any]) -> str:
+    """A run name from the dataset, for presets whose dataset was overridden: the dataset's name,
+    or for ``imagefolder`` the root folder's name (``~/data/flowers`` -> ``flowers``)."""
+    import re
+
+    section = data.get("data") or {}
+    name = str(section.get("dataset"))
+    root = section.get("root")
+    if name == "imagefolder" and root:
+        name = Path(str(root)).expanduser().name or name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
 
 
 def dump_config(config: PddConfig) -> str:

@@ -8,7 +8,13 @@ five evaluation networks the same weights) and run in parallel as Ray tasks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -20,8 +26,11 @@ from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
 from pdd_ray.errors import PddError
 from pdd_ray.modelspec import ModelSpec, build_seeded
+from pdd_ray.progress import log as progress_log
+from pdd_ray.progress import time_left
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe, accuracy, train
+
 
 
 @dataclass
@@ -61,6 +70,11 @@ class EvalResult:
             "arch": self.arch,
             "scores": {k: v.tolist() for k, v in self.scores.items()},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        return cls(str(d["name"]), str(d["arch"]),
+                   {k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()})
 
 
 def recipe_from_config(cfg: EvalConfig, augment: str) -> TrainRecipe:
@@ -162,7 +176,9 @@ def evaluate_progressive(
     ]
     order = {ref: r for r, ref in enumerate(pending)}
     results: dict[int, dict[str, list[float]]] = {}
-    bar = tqdm(total=runs, desc=f"evaluate {name} [{spec.arch}]", unit="run", disable=not progress, leave=False)
+    desc = f"evaluate {name} [{spec.arch}]"
+    bar = tqdm(total=runs, desc=desc, unit="run", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
@@ -170,6 +186,8 @@ def evaluate_progressive(
             results[order[ref]] = res
             bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
             bar.update(1)
+            left = time_left(len(results), runs, time.perf_counter() - t0)
+            progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
     bar.close()
     splits = list(eval_sets)
     scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in splits}
@@ -201,17 +219,69 @@ def eval_sets_of(bundle: DatasetBundle) -> dict[str, tuple[torch.Tensor, torch.T
 
 
 def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig,
-                       augment: str, seed: int, progress: bool) -> EvalResult:
-    """A one-stage evaluation with the evaluation config's recipe and resources."""
-    return evaluate_progressive(
-        name, spec, [stage], recipe_from_config(cfg, augment), eval_sets_of(bundle), cfg.runs, seed,
+                       augment: str, seed: int, progress: bool, cache_dir: Path | None = None) -> EvalResult:
+    """A one-stage evaluation with the evaluation config's recipe and resources.
+
+    With ``cache_dir``, the result is kept there under a digest of exactly what the evaluation
+    consumes (see :func:`baseline_key`), so a re-run on the same data and recipe reuses it.
+    """
+    recipe = recipe_from_config(cfg, augment)
+    sets = eval_sets_of(bundle)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{baseline_key(name, stage, recipe, spec, sets, cfg.runs, seed, bundle.digest)}.json"
+        cached = _read_cached(path)
+        if cached is not None:
+            progress_log.info("%s: reused from %s", name, path)
+            return cached
+    res = evaluate_progressive(
+        name, spec, [stage], recipe, sets, cfg.runs, seed,
         cpus_per_run=cfg.cpus_per_run, gpus_per_run=cfg.gpus_per_run, progress=progress,
     )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
+        os.replace(tmp, path)
+    return res
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def baseline_key(name: str, stage: StageSet, recipe: TrainRecipe, spec: ModelSpec,
+                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], runs: int, seed: int, dataset_digest: str) -> str:
+    """Digest of what a baseline evaluation consumes: the training images and labels and the
+    stage's lr/epochs/batch (as passed), the recipe object, the model, the evaluation splits,
+    runs and seed. A change to any of them (a new budget rule included) is a new key."""
+    d = {
+        "name": name,
+        "dataset": dataset_digest,
+        "stage": {"images": _tensor_digest(stage.images), "labels": _tensor_digest(stage.labels), "lr": stage.lr,
+                  "epochs": stage.epochs, "batch_size": stage.batch_size},
+        "recipe": asdict(recipe),
+        "model": spec.to_dict(),
+        "eval_sets": {k: [_tensor_digest(x), _tensor_digest(y)] for k, (x, y) in sorted(eval_sets.items())},
+        "runs": runs,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _read_cached(path: Path) -> EvalResult | None:
+    """A cached baseline, or None (absent or unreadable: it is then recomputed and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        return EvalResult.from_dict(json.loads(path.read_text())["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate_random_baseline(
     bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True,
-    epochs: int | None = None,
+    epochs: int | None = None, cache_dir: Path | None = None,
 ) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
     paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
@@ -221,7 +291,7 @@ def evaluate_random_baseline(
     """
     x, y = random_subset(bundle, ipc, seed)
     stage = StageSet(x, y, lr=cfg.lr, epochs=epochs)
-    return _evaluate_baseline(f"random ipc{ipc}", stage, bundle, spec, cfg, augment, seed, progress)
+    return _evaluate_baseline(f"random ipc{ipc}", stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,11 +321,12 @@ def epochs_per_stage_for(total_epochs: int, num_stages: int) -> int:
 
 
 def evaluate_full_baseline(
-    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, seed: int, progress: bool = True
+    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, seed: int, progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> EvalResult:
     """The whole training set, ``cfg.full_epochs`` epochs of minibatch SGD: the ceiling."""
     stage = StageSet(bundle.train_x, bundle.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
-    return _evaluate_baseline("full data", stage, bundle, spec, cfg, augment, seed, progress)
+    return _evaluate_baseline("full data", stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
 
 
 def format_table(rows: list[tuple[str, str, float, float]], title: str = "test accuracy") -> str:

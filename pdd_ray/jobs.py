@@ -401,7 +401,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
 
     client = connect(address)
-    entrypoint = build_entrypoint(job_config, overrides, progress=args.progress)
+    progress = args.progress and not getattr(args, "no_progress", False)  # --no-progress wins
+    entrypoint = build_entrypoint(job_config, overrides, progress=progress)
     with sdk_errors(address):
         try:
             job_id = client.submit_job(

@@ -26,7 +26,8 @@ from pdd_ray.evaluation import (
     recipe_from_config,
 )
 from pdd_ray.prepare import Prepared, prepare
-from pdd_ray.runtime import ensure_ray
+from pdd_ray.progress import phase
+from pdd_ray.runtime import ensure_ray, ensure_storage
 
 
 @dataclass
@@ -50,20 +51,30 @@ class RunReport:
         decoded = self.distilled.stages[0].images.shape[0] // n_classes  # what networks train on
         for arch, res in self.pdd.items():
             means, stds = res.mean() * 100, res.std() * 100
+            health = self.distilled.health
             for k in range(len(means)):
                 setting = f"ipc {stored * (k + 1)}" + (f" ({decoded * (k + 1)} decoded)" if decoded != stored else "")
-                rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]"),
-                             setting, float(means[k]), float(stds[k])))
+                mark = health[k].mark if k < len(health) else ""  # a diverged stage is not PDD: say so
+                rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]")
+                             + (f" ({mark})" if mark else ""), setting, float(means[k]), float(stds[k])))
         if self.full is not None:
             rows.append(("full data", "all images", *self.full.final))
         return rows
+
+    def _health_flags(self, k: int) -> dict:
+        """Stage k's divergence flags for results.json (kept_initialisation, validation_collapsed, ...)."""
+        if k >= len(self.distilled.health):
+            return {}
+        return {key: v for key, v in self.distilled.health[k].to_dict().items()
+                if key not in ("stage", "best_iteration", "best_val_acc")}
 
     def to_dict(self) -> dict:
         return {
             "run_dir": str(self.distilled.directory),
             "artifact": str(self.distilled.artifact),
             "stages": [
-                {"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc, "best_iteration": o.best_iteration}
+                {"stage": k + 1, "alpha": o.alpha, "best_val_acc": o.best_val_acc, "best_iteration": o.best_iteration,
+                 **self._health_flags(k)}
                 for k, o in enumerate(self.distilled.outcomes)
             ],
             "pdd": {a: r.to_dict() for a, r in self.pdd.items()},
@@ -105,6 +116,7 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
     With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
     when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.
     """
+    ensure_storage(cfg)
     prepared = prepare(cfg)
     with run_lock(cfg):  # a second run of this config waits here, then reuses the first one's work
         return _tracked_run(cfg, prepared, progress, parent_run_id, run_name, on_stage, baselines)
@@ -122,9 +134,9 @@ def _tracked_run(cfg: PddConfig, prepared: Prepared, progress: bool, parent_run_
         tracker.log_dataset(prepared.bundle)
     try:
         report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
-    except BaseException:
+    except BaseException as err:  # Ctrl-C included: no run is left RUNNING
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.on_report(report)
@@ -137,16 +149,19 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     result = distill(cfg, prepared, progress=progress, on_stage=on_stage, tracker=tracker)
     seconds = dict(result.seconds)
     t0 = time.perf_counter()
-    pdd = evaluate_distilled(cfg, prepared, result, progress)
+    with phase("evaluation"):
+        pdd = evaluate_distilled(cfg, prepared, result, progress)
     seconds["evaluation"] = time.perf_counter() - t0
     random = full = None
-    if baselines:
+    if baselines and cfg.evaluation.baselines:
         t0 = time.perf_counter()
         ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
-        # equal training budget: the one-stage random subset trains as long as all P stages together
-        random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
-                                          epochs=budget_epochs(ev, cfg.distill.num_stages))
-        full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress)
+        cache = baseline_cache(cfg)
+        with phase("baselines"):
+            # equal training budget: the one-stage random subset trains as long as all P stages together
+            random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
+                                              epochs=budget_epochs(ev, cfg.distill.num_stages), cache_dir=cache)
+            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages))
@@ -162,6 +177,12 @@ def training_budget_line(cfg: PddConfig) -> str:
     ev, p = cfg.evaluation, cfg.distill.num_stages
     return (f"training budget: {budget_epochs(ev, p)} epochs per row (PDD {p} stages x {ev.epochs_per_stage}, "
             f"random subset {budget_epochs(ev, p)} in one stage); full data {ev.full_epochs} epochs")
+
+
+def baseline_cache(cfg: PddConfig) -> Path | None:
+    """``<storage>/baselines``: baseline results by digest of what they consume (local storage only)."""
+    root = cfg.storage_root.removeprefix("file://")
+    return None if "://" in root else Path(root) / "baselines"
 
 
 def print_report(cfg: PddConfig, report: RunReport) -> None:

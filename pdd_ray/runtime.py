@@ -1,10 +1,13 @@
-"""Starting or joining Ray, quietly and once."""
+"""Starting or joining Ray, quietly and once; the local folders a run writes; stopping cleanly."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
+
+from pdd_ray.errors import PddError
 
 #: Set to 1 to see every Ray worker's log lines (Train's per-checkpoint chatter included).
 VERBOSE_ENV = "PDD_RAY_VERBOSE"
@@ -31,3 +34,37 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=verbose,
         configure_logging=True,
     )
+
+
+def ensure_storage(cfg) -> None:
+    """Create the run's local storage roots now (``storage``, ``experts.storage``), so a path that
+    cannot be created is one line naming it, not a traceback from deep inside MLflow or Ray.
+
+    URIs (``s3://``...) are left to the layers that use them.
+    """
+    from pdd_ray.experts.produce import expert_store_root
+
+    for key, root in (("storage", cfg.storage_root), ("experts.storage", expert_store_root(cfg))):
+        root = root.removeprefix("file://")
+        if "://" in root:
+            continue
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PddError(f"{key} = {root!r} cannot be created ({err.strerror or err}); "
+                           "pass a folder you can write to") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PddError(f"{key} = {root!r} is not writable; pass a folder you can write to")
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray instance (or leave the cluster) this process started; never raises.
+
+    Used on Ctrl-C: a local instance's raylet, GCS and workers (Train workers, expert actors)
+    all go with it; on a cluster the driver's non-detached actors are ended by Ray.
+    """
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dead GCS must not hide the exit status
+        pass

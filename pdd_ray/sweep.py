@@ -144,11 +144,11 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
 
     from pdd_ray.experts.produce import stage1_experts
     from pdd_ray.prepare import prepare
-    from pdd_ray.runtime import ensure_ray
+    from pdd_ray.runtime import ensure_ray, ensure_storage
 
     storage = Path(absolute_storage(sweep.storage))
-    storage.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(sweep.base, [*sweep.overrides, f"storage={storage}"])
+    ensure_storage(base_cfg)
     ensure_ray()
     # shared stage-1 experts first: every layout of this sweep uses the same expert settings
     stage1_experts(base_cfg, prepare(base_cfg), progress=progress)
@@ -178,9 +178,9 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
     )
     try:
         grid = tuner.fit()
-    except BaseException:
+    except BaseException as err:
         if parent is not None:
-            parent.finish("FAILED")
+            parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     rows = []
     for res in grid:

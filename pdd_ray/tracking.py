@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -181,6 +182,10 @@ class RunTracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name or self.cfg.name)
         self.run_id = run.info.run_id
         self.stage_ids: dict[int, str] = {}
+        closed = claim_run(self.client, self.experiment_id, self.run_id, resume_key(self.cfg, self.extra_tags))
+        if closed:
+            print(f"pdd-ray: marked {len(closed)} MLflow run(s) left RUNNING by a killed earlier run as KILLED",
+                  file=sys.stderr)
         self._log_params()
 
     def _log_params(self) -> None:
@@ -241,6 +246,20 @@ class RunTracker:
         self.stage_ids[k] = run.info.run_id
         return StageLogTarget(self.uri, run.info.run_id, b.mean, b.std, prepared.zca, b.num_classes)
 
+    def log_stage_health(self, health) -> None:
+        """Flags of a stage that kept its initialisation or diverged (``pdd_ray.distill.health``):
+        tags on the stage run, its final validation accuracy, and the warning on the run itself."""
+        from mlflow.entities import Metric, RunTag
+
+        k = health.stage
+        flags = [RunTag("pdd.kept_initialisation", str(health.kept_initialisation).lower()),
+                 RunTag("pdd.validation_collapsed", str(health.validation_collapsed).lower())]
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.stage_ids[k], tags=flags,
+                              metrics=[Metric("stage_final_val_acc", health.final_val_acc, now, 0)])
+        if health.warning:
+            self.client.set_tag(self.run_id, f"pdd.warning.stage{k}", health.warning[:5000])
+
     def on_stage(self, k: int, outcome, seconds: float, resumed_from_record: bool) -> None:
         """After stage k: its summary metrics (and its histories when it was not run now)."""
         from mlflow.entities import Metric
@@ -292,6 +311,86 @@ class RunTracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run_id, status)
         self.client.set_terminated(self.run_id, status)
+
+
+# ----------------------------------------------------------------------------------------------
+# runs left RUNNING by a killed process
+# ----------------------------------------------------------------------------------------------
+
+RESUME_TAG = "pdd.resume_key"
+OWNER_TAG = "pdd.owner"
+
+
+def resume_key(cfg: PddConfig, extra_tags: dict[str, str] | None = None) -> str:
+    """What a re-run of the same work shares with the run it resumes: its kind and run key."""
+    from pdd_ray.distill.driver import run_key
+
+    tags = extra_tags or {}
+    kind = tags.get("pdd.kind") or ("sweep" if "pdd.sweep" in tags else "run")
+    return f"{kind}:{run_key(cfg)}"
+
+
+def _start_ticks(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, Linux): tells a live owner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def owner_tag() -> str:
+    """``host:pid:start``: the process that owns a run while it is RUNNING."""
+    import socket
+
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or '-'}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process named by :func:`owner_tag` still runs; None when it cannot be told
+    (another host, or a tag from elsewhere)."""
+    import socket
+
+    try:
+        host, pid_s, start = owner.rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return start == "-" or _start_ticks(pid) == start
+
+
+def claim_run(client, experiment_id: str, run_id: str, key: str) -> list[str]:
+    """Tag ``run_id`` with its owner and resume key, and mark ``KILLED`` the runs of the same key
+    that a killed process left ``RUNNING`` (their RUNNING descendants too); returns their ids.
+
+    Only runs whose owner is known to be dead (same host, process gone) are touched, so a
+    concurrent live run of the same config is left alone.
+    """
+    client.set_tag(run_id, RESUME_TAG, key)
+    client.set_tag(run_id, OWNER_TAG, owner_tag())
+    stale = []
+    for run in client.search_runs([experiment_id], f"tags.`{RESUME_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        if run.info.run_id != run_id and owner_alive(run.data.tags.get(OWNER_TAG, "")) is False:
+            stale.append(run.info.run_id)
+    closed = []
+    while stale:
+        rid = stale.pop()
+        client.set_terminated(rid, "KILLED")
+        closed.append(rid)
+        children = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{rid}' and attributes.status = 'RUNNING'",
+                                      max_results=1000)
+        stale += [c.info.run_id for c in children]
+    return closed
 
 
 def _axes():

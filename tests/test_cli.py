@@ -61,3 +61,51 @@ def test_image_size_the_model_cannot_take(tmp_path, capsys):
                  f"storage={tmp_path}/out"]) == 2
     err = capsys.readouterr().err.strip()
     assert "depth" in err and "16" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------- issue 17, item 5
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    """`pdd-ray run` up to the loaded config: the pipeline is replaced by a recorder."""
+    import pdd_ray.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda cfg, progress=True, **kw: seen.update(cfg=cfg, progress=progress))
+    monkeypatch.setattr(pipeline, "print_report", lambda cfg, report: None)
+    return seen
+
+
+def test_overrides_are_accepted_anywhere_among_the_options(captured_run, tmp_path):
+    assert main(["run", "digits", "seed=3", "--no-progress", f"storage={tmp_path}/x", "distill.ipc_per_stage=4"]) == 0
+    cfg = captured_run["cfg"]
+    assert (cfg.seed, cfg.storage, cfg.distill.ipc_per_stage) == (3, f"{tmp_path}/x", 4)
+    assert captured_run["progress"] is False
+    # the config name may also come after an override, or after the options
+    assert main(["run", "--no-progress", "seed=5", "digits", "name=late"]) == 0
+    assert (captured_run["cfg"].seed, captured_run["cfg"].name) == (5, "late")
+
+
+def test_words_that_are_not_overrides_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "digits", "--no-progress", "--bogus"])
+    assert info.value.code == 2 and "--bogus" in capsys.readouterr().err
+    assert main(["run", "digits", "seed=1", "--no-progress", "cifar10_ipc10"]) == 2
+    assert "two configs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["ui", "--no-progress", "/nonexistent/storage"], "no MLflow store"),
+        (["submit", "distill.ipc_per_stage=0", "--no-progress", "--address", "http://127.0.0.1:9"],
+         "distill.ipc_per_stage"),
+        (["jobs", "status", "raysubmit_x", "--no-progress", "--address", "http://127.0.0.1:9"], "127.0.0.1:9"),
+    ],
+)
+def test_every_command_takes_no_progress(argv, fragment, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err
+    assert code == 2 and fragment in err, err

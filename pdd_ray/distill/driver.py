@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import uuid
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import write_artifact
+from pdd_ray.distill.health import StageHealth, stage_health
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.methods.base import check_real_classes
 from pdd_ray.distill.stage import NONFINITE_METRIC, StageTask, load_state, stage_worker
@@ -52,6 +54,8 @@ from pdd_ray.experts.trajectory import Warmup
 from pdd_ray.integrity import file_sha256, verify_files
 from pdd_ray.locks import file_lock
 from pdd_ray.prepare import Prepared, data_settings
+from pdd_ray.progress import Milestones, phase, time_left
+from pdd_ray.progress import log as progress_log
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
 
@@ -250,24 +254,40 @@ class ProgressBoard:
 
 def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event) -> None:
     bar = tqdm(total=total, desc=desc, unit="it", disable=not enabled)
-    last = 0
-    shown: dict = {}
-    while not stop.is_set():
+    seen = {"last": 0, "shown": {}, "lines": None, "first": None}
+
+    def poll() -> None:
         try:
             s = ray.get(board.get.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - the bar is cosmetic; never break the run for it
             s = {}
+        last = seen["last"]
         it = int(s.get("iteration", last))
         post = {k: f"{v:.4g}" for k, v in s.items() if k in ("loss", "alpha", "val_acc") and v == v}
         # redraw only on news, once: job logs are not a TTY and keep every redraw as a line
-        if post and post != shown:
+        if post and post != seen["shown"]:
             bar.set_postfix(post, refresh=it <= last)
-            shown = post
-        if it > last:
-            bar.update(it - last)
-            last = it
+            seen["shown"] = post
+        if it <= last:
+            return
+        if seen["first"] is None:  # the rate excludes Train's start-up; a resumed stage starts past 0
+            seen["first"] = (last if last else it - 1, time.perf_counter())
+            seen["lines"] = Milestones(total, start=seen["first"][0])  # plain lines: every ~10 %
+        bar.update(it - last)
+        seen["last"] = it
+        if seen["lines"].due(it):
+            start, t0 = seen["first"]
+            val = s.get("val_acc", float("nan"))
+            val_s = f", val {val * 100:.1f}%" if val == val else ""
+            left = time_left(it - start, total - start, time.perf_counter() - t0)
+            progress_log.info("%s: %d/%d it (%d%%), loss %.4g%s%s", desc, it, total, 100 * it // max(total, 1),
+                              s.get("loss", float("nan")), val_s, f", {left}" if left else "")
+
+    while not stop.is_set():
+        poll()
         stop.wait(0.5)
-    bar.update(max(0, total - last))
+    poll()  # the last iterations finished after the previous poll
+    bar.update(max(0, total - seen["last"]))
     bar.close()
 
 
@@ -382,7 +402,7 @@ def run_stage(
     )
     watcher.start()
     try:
-        result = trainer.fit()
+        result = _fit_off_main_thread(trainer)
     finally:
         stop.set()
         watcher.join(timeout=10)
@@ -402,6 +422,32 @@ def run_stage(
         losses=s["losses"].tolist(),
         val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
     )
+
+
+def _fit_off_main_thread(trainer):
+    """``trainer.fit()`` in a helper thread, the main thread waiting.
+
+    On the main thread Ray Train installs its own SIGINT handler and never removes it: Ctrl-C then
+    aborts the Train run and the process exits 1 with no message, during the stage and in every
+    phase after it. Off the main thread Train leaves SIGINT alone (as under Tune), so Ctrl-C raises
+    KeyboardInterrupt here and the CLI stops Ray, closes the MLflow runs and exits 130; the
+    stage's checkpoints stay for the re-run.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="pdd-ray-stage", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,6 +541,7 @@ class DistillResult:
     outcomes: list[StageOutcome]
     expert_keys: list[str | None]
     seconds: dict[str, float]
+    health: list[StageHealth] = field(default_factory=list)  # per stage: kept the initialisation? diverged?
 
 
 def run_lock(cfg: PddConfig):
@@ -527,11 +574,13 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
     method = method_class(cfg.distill.method)
     key: str | None = None  # stage 1's conditioning pool: none (fresh networks) unless the method matches trajectories
     if method.needs_trajectories:
-        key, summaries = stage1_experts(cfg, prepared, progress=progress)
+        with phase("experts"):
+            key, summaries = stage1_experts(cfg, prepared, progress=progress)
         if tracker is not None:
             tracker.log_expert_summaries(key, summaries)
     elif cfg.distill.discard_fraction > 0:  # the forgetting counts come from stage-1 experts' real-data training
-        stage1_experts(cfg, prepared, progress=progress)
+        with phase("experts"):
+            stage1_experts(cfg, prepared, progress=progress)
     seconds["experts"] = time.perf_counter() - t0
     n_real = prepared.bundle.train_x.shape[0]
     record_real_examples(directory, 1, real_examples(cfg, prepared, 1), n_real, tracker, progress)
@@ -539,6 +588,7 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
     stages: list[StageSet] = []  # decoded training images: what evaluation, transitions and the artifact use
     stored: list[StageSet] = []  # what each stage optimised: later stages freeze these
     outcomes: list[StageOutcome] = []
+    health: list[StageHealth] = []
     ev_epochs = cfg.evaluation.epochs_per_stage
     for k in range(1, cfg.distill.num_stages + 1):
         t0 = time.perf_counter()
@@ -548,10 +598,19 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
         out = load_stage(directory, k)
         from_record = out is not None
         if out is None:
-            out = run_stage(cfg, prepared, directory, k, key, stored, progress, log_target=target)
+            with phase(f"stage {k}/{cfg.distill.num_stages}"):
+                out = run_stage(cfg, prepared, directory, k, key, stored, progress, log_target=target)
             save_stage(directory, k, out)
+        else:
+            progress_log.info("stage %d/%d: finished earlier, read from %s", k, cfg.distill.num_stages,
+                              directory / f"stage_{k}")
         seconds[f"stage_{k}"] = time.perf_counter() - t0
+        health.append(stage_health(k, out.best_iteration, out.best_val_acc, out.val_history,
+                                   prepared.bundle.num_classes, cfg.distill.iterations))
+        if health[-1].warning:
+            print(f"pdd-ray: warning: {health[-1].warning}", file=sys.stderr, flush=True)
         if tracker is not None:
+            tracker.log_stage_health(health[-1])
             tracker.on_stage(k, out, seconds[f"stage_{k}"], from_record)
         outcomes.append(out)
         stored.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
@@ -561,7 +620,8 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
             on_stage(k, out)
         if k < cfg.distill.num_stages:
             t0 = time.perf_counter()
-            key = run_transition(cfg, prepared, k, key, stages, progress, directory=directory, tracker=tracker)
+            with phase(f"transition {k}->{k + 1}"):
+                key = run_transition(cfg, prepared, k, key, stages, progress, directory=directory, tracker=tracker)
             seconds[f"transition_{k}"] = time.perf_counter() - t0
             keys.append(key)
     b = prepared.bundle
@@ -578,4 +638,4 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
         {"run_key": run_key(cfg), "expert_keys": keys, "config": cfg.model_dump(mode="json")},
         decode=method.decode_info(method.stage_params(cfg, b.num_classes, 1)),
     )
-    return DistillResult(directory, artifact, stages, outcomes, keys, seconds)
+    return DistillResult(directory, artifact, stages, outcomes, keys, seconds, health)

@@ -24,6 +24,8 @@ from pdd_ray.forgetting import aggregate, forgetting_counts, kept_indices, read_
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.prepare import Prepared
+from pdd_ray.progress import log as progress_log
+from pdd_ray.progress import time_left
 from pdd_ray.seeding import derive_seed
 from pdd_ray.training import TrainRecipe
 
@@ -251,11 +253,16 @@ def _produce_locked(store: TrajectoryStore, jobs: list[ExpertJob], prepared: Pre
     pool = ActorPool(actors)
     summaries = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="expert", disable=not progress)
+    t0, present = time.perf_counter(), len(jobs) - len(todo)
+    progress_log.info("%s: %d/%d present, training %d on %d actors", desc, present, len(jobs), len(todo), size)
     try:
         for summary in pool.map_unordered(lambda a, job: a.run.remote(job), todo):
             summaries.append(summary)
             bar.set_postfix(val_acc=f"{summary['final_val_acc'] * 100:.1f}%")
             bar.update(1)
+            left = time_left(len(summaries), len(todo), time.perf_counter() - t0)
+            progress_log.info("%s: %d/%d (expert %d: val %.1f%%)%s", desc, present + len(summaries), len(jobs),
+                              summary["index"], summary["final_val_acc"] * 100, f", {left}" if left else "")
             if on_done is not None:
                 on_done(summary)
     finally:
