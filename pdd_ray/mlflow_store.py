@@ -74,8 +74,12 @@ def _half_migrated(db: Path) -> str | None:
     return None
 
 
-def ensure_store(uri: str) -> None:
+def ensure_store(uri: str, artifact_root: str | None = None) -> None:
     """Make sure the MLflow store at ``uri`` exists and is at MLflow's current schema.
+
+    A new sqlite store is created with its "Default" experiment's artifacts under
+    ``artifact_root`` when given (the storage root), not in ``./mlruns`` of whatever directory
+    the first process happened to run in (what ``MlflowClient`` does when it creates the store).
 
     For a sqlite file the store is opened (created and migrated when new) under the lock file
     ``<db>.lock``, so concurrent runs create it exactly once; afterwards every process only
@@ -95,6 +99,10 @@ def ensure_store(uri: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
+            if artifact_root is not None and not (db.is_file() and db.stat().st_size > 0):
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                SqlAlchemyStore(uri, artifact_root).engine.dispose()  # tables + experiment 0 under artifact_root
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates/verifies the store
         except MlflowException as err:
             msg = " ".join(str(err).split())

@@ -68,6 +68,48 @@ def experiment_id(client, name: str, artifact_root: str | None = None) -> str:
         return exp.experiment_id
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # MLflow's ExperimentKind for model training ("Machine learning")
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow 3 UI: saved views of the runs page
+RUNS_VIEW_KEY = "pdd_ray-best-first"
+RUNS_VIEW_NAME = "pdd_ray: best run first"
+
+
+def runs_view_state() -> dict:
+    """The runs page's first screen for pdd_ray: "which run is best".
+
+    MLflow 3.17's runs table shows only Source, Models and Dataset until a user picks columns,
+    and keeps that choice in the browser's local storage. What it does read from the store is a
+    *saved view*: an experiment tag ``mlflow.sharedViewState.<key>`` whose state is opened by
+    ``#/experiments/<id>/runs?viewStateShareKey=<key>`` (what ``pdd-ray ui`` prints) and is
+    listed under "Views" for every user. Its keys are the UI's own (search facets and UI state).
+    """
+    cols = ["metrics.`final_test_acc`", "tags.`pdd.ipc`", "tags.`pdd.num_stages`", "tags.`pdd.method`",
+            "attributes.`Dataset`"]
+    return {"searchFilter": "", "orderByKey": "metrics.`final_test_acc`", "orderByAsc": False,
+            "selectedColumns": cols, "columnOrder": cols}
+
+
+def mark_training_experiment(client, experiment_id: str) -> None:
+    """Tag the experiment as model training and give it pdd_ray's saved runs view.
+
+    ``mlflow.experimentKind = custom_model_development`` is the kind MLflow's UI writes when a
+    user picks "Machine learning" (left alone when someone set a kind already). MLflow 3.17
+    decides GenAI vs training view from its sidebar switch (``?workflowType=`` in the URL, else
+    the browser's last choice), so ``pdd-ray ui`` also puts ``workflowType=machine_learning``
+    into the URL it prints.
+    """
+    exp = client.get_experiment(experiment_id)
+    tags = exp.tags or {}
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    view_tag = SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY
+    if view_tag not in tags:
+        now = int(time.time() * 1000)
+        envelope = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(runs_view_state())}
+        client.set_experiment_tag(experiment_id, view_tag, json.dumps(envelope))
+
+
 def git_commit() -> str | None:
     """The source tree's commit, when it is a git checkout."""
     try:
@@ -170,18 +212,21 @@ class RunTracker:
 
     def __post_init__(self) -> None:
         self.uri = tracking_uri(self.cfg)
-        ensure_store(self.uri)  # a new sqlite store is created once, under a lock (concurrent runs)
+        artifacts = artifact_location(self.cfg, self.uri)
+        ensure_store(self.uri, artifacts)  # created once, under a lock; Default's artifacts under storage
         self.client = _client(self.uri)
-        self.experiment_id = experiment_id(self.client, self.cfg.tracking.experiment,
-                                           artifact_location(self.cfg, self.uri))
+        self.experiment_id = experiment_id(self.client, self.cfg.tracking.experiment, artifacts)
+        mark_training_experiment(self.client, self.experiment_id)
         tags = {**standard_tags(), **self.extra_tags, "pdd.dataset": self.cfg.data.dataset,
                 "pdd.num_stages": str(self.cfg.distill.num_stages),
-                "pdd.ipc_per_stage": str(self.cfg.distill.ipc_per_stage)}
+                "pdd.ipc_per_stage": str(self.cfg.distill.ipc_per_stage),
+                "pdd.ipc": str(self.cfg.distill.total_ipc), "pdd.method": self.cfg.distill.method}
         if self.parent_id:
             tags[PARENT_TAG] = self.parent_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name or self.cfg.name)
         self.run_id = run.info.run_id
         self.stage_ids: dict[int, str] = {}
+        self.stage_expert_keys: dict[int, str] = {}
         closed = claim_run(self.client, self.experiment_id, self.run_id, resume_key(self.cfg, self.extra_tags))
         if closed:
             print(f"pdd-ray: marked {len(closed)} MLflow run(s) left RUNNING by a killed earlier run as KILLED",
@@ -218,6 +263,7 @@ class RunTracker:
                                         name=f"experts-stage{stage}", digest=key)
         ctx = [InputTag("mlflow.data.context", f"experts-stage{stage}")]
         self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(), ctx)])
+        self.stage_expert_keys[stage] = key
 
     def log_expert_summaries(self, key: str, summaries: list[dict]) -> None:
         """Per-expert final accuracy (step = expert index) and the store key they live under."""
@@ -273,9 +319,22 @@ class RunTracker:
             metrics += [Metric("val_acc", a, now, it) for it, a in outcome.val_history]
         for i in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
+        self.log_stage_params(k, outcome)
         self.client.log_batch(self.run_id, metrics=[Metric("stage_best_val_acc", outcome.best_val_acc, now, k),
                                                     Metric("stage_seconds", seconds, now, k)])
         self.client.set_terminated(run_id, "FINISHED")
+
+    def log_stage_params(self, k: int, outcome) -> None:
+        """Stage k's own settings as params of its run, so stages (and trials' stages) can be
+        compared side by side: index, images per class of the union S_1..S_k (the stored
+        budget), the iteration selection kept, its learned step size alpha_k, and the expert
+        store it matched ("none": fresh networks, e.g. DM/IDC at stage 1)."""
+        from mlflow.entities import Param
+
+        params = {"stage": k, "union_ipc": k * self.cfg.distill.ipc_per_stage,
+                  "selected_iteration": outcome.best_iteration, "alpha": f"{outcome.alpha:.6g}",
+                  "experts_key": self.stage_expert_keys.get(k, "none")}
+        self.client.log_batch(self.stage_ids[k], params=[Param(f"stage.{n}", str(v)) for n, v in params.items()])
 
     def on_report(self, report) -> None:
         """Final numbers, figures and artifacts on the run (and test accuracy on each stage run)."""
@@ -295,9 +354,12 @@ class RunTracker:
                 self.client.log_batch(self.stage_ids[k + 1], metrics=[Metric("test_acc", float(means[k]), now, 0)])
         for arch, r in report.pdd.items():
             metrics.append(Metric(f"final_test_acc_{arch}", float(r.mean()[-1]), now, 0))
+        metrics.append(Metric("final_test_acc", float(means[-1]), now, 0))  # the runs table's default column
         metrics += [Metric(f"seconds_{k}", v, now, 0) for k, v in report.seconds.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
-        self.client.log_figure(self.run_id, accuracy_figure(report), "accuracy_vs_stage.png")
+        pdd_epochs = sum(st.epochs for st in report.distilled.stages)
+        self.client.log_figure(self.run_id, accuracy_figure(report, self.cfg.evaluation.full_epochs, pdd_epochs),
+                               "accuracy_vs_stage.png")
         self.client.log_figure(self.run_id, loss_figure(report), "matching_loss.png")
         self.client.log_artifacts(self.run_id, str(report.distilled.artifact), "artifact")
         self.client.log_artifact(self.run_id, str(report.distilled.directory / "results.json"))
@@ -411,8 +473,15 @@ def _done(fig):
     return fig
 
 
-def accuracy_figure(report):
-    """Test accuracy after each stage with the random-subset and full-data baselines."""
+def accuracy_figure(report, full_epochs: int | None = None, pdd_epochs: int | None = None):
+    """Test accuracy after each stage with the random-subset and full-data baselines.
+
+    Stages are counted, so the axis has integer ticks only. When the full-data network trained
+    for fewer epochs than PDD's networks (tiny configs), its legend entry says so: the line is
+    then no ceiling.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _axes()
     for arch, res in report.pdd.items():
         x = np.arange(1, len(res.mean()) + 1)
@@ -420,7 +489,11 @@ def accuracy_figure(report):
     if report.random is not None:
         ax.axhline(report.random.final[0], color="grey", ls="--", label=f"random ({report.random.name.split()[-1]})")
     if report.full is not None:
-        ax.axhline(report.full.final[0], color="black", ls=":", label="full data")
+        label = "full data"
+        if full_epochs is not None and pdd_epochs is not None and full_epochs < pdd_epochs:
+            label += f" (only {full_epochs} epoch{'s' if full_epochs != 1 else ''}, PDD {pdd_epochs})"
+        ax.axhline(report.full.final[0], color="black", ls=":", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("stage")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
@@ -429,12 +502,15 @@ def accuracy_figure(report):
 
 def loss_figure(report):
     """Matching loss over iterations, stage after stage."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _axes()
     offset = 0
     for k, out in enumerate(report.distilled.outcomes, start=1):
         x = np.arange(offset + 1, offset + len(out.losses) + 1)
         ax.plot(x, out.losses, label=f"stage {k}")
         offset += len(out.losses)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("matching loss")
     ax.legend(fontsize=8)

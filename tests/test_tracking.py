@@ -93,6 +93,18 @@ def test_run_is_logged_to_a_real_server(ray_session, server, tmp_path):
         # MLflow names them images/<key>+step+<step>+timestamp+...png
         steps = {p.split("+step+")[1].split("+")[0] for p in images if "synthetic_images+step+" in p}
         assert len(steps) >= 2, images  # an image per evaluation: iterations 0, 2, 4
+        # issue 16.3: each stage run carries its own settings to compare stages by
+        cp = {p["key"]: p["value"] for p in child["data"].get("params", [])}
+        k = int(_tags(child)["pdd.stage"])
+        assert cp["stage.stage"] == str(k) and cp["stage.union_ipc"] == str(k)  # ipc_per_stage=1
+        assert int(cp["stage.selected_iteration"]) in (0, 2, 4)
+        stage_metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert float(cp["stage.alpha"]) == pytest.approx(stage_metrics["stage_alpha"], rel=1e-5)
+        assert len(cp["stage.experts_key"]) >= 8 and cp["stage.experts_key"] != "none"
+    stage_keys = {int(_tags(c)["pdd.stage"]): {p["key"]: p["value"] for p in c["data"]["params"]}["stage.experts_key"]
+                  for c in children}
+    assert stage_keys[1] != stage_keys[2]  # stage 2 matched the transition's experts
+    assert "final_test_acc" in metrics
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +179,141 @@ def test_ui_without_a_store_is_a_one_line_error(tmp_path):
 
     with pytest.raises(PddError, match="no MLflow store"):
         find_store(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 16: the UI as a user meets it
+# ----------------------------------------------------------------------------------------------
+
+
+def _tracker_store(tmp_path, monkeypatch):
+    """A RunTracker's default sqlite store, created from an unrelated working directory."""
+    from pdd_ray.tracking import RunTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    monkeypatch.chdir(elsewhere)
+    storage = tmp_path / "store"
+    ov = [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking")]
+    tracker = RunTracker(load_config("digits", ov + ["tracking.enabled=true"]))
+    tracker.finish()
+    return storage, elsewhere
+
+
+def test_store_opens_in_the_training_view_with_a_best_first_runs_view(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pdd_ray.tracking import EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, SHARED_VIEW_TAG_PREFIX
+
+    storage, elsewhere = _tracker_store(tmp_path, monkeypatch)
+    client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name("pdd_ray")
+    # the experiment kind MLflow's UI itself writes for "Machine learning" (not GenAI)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # the saved runs view: final test accuracy, IPC, stages and method, best run first
+    envelope = json.loads(exp.tags[SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`final_test_acc`" and state["orderByAsc"] is False
+    assert {"metrics.`final_test_acc`", "tags.`pdd.ipc`", "tags.`pdd.num_stages`", "tags.`pdd.method`"} <= set(
+        state["selectedColumns"])
+    run = client.search_runs([exp.experiment_id])[0]
+    assert run.data.tags["pdd.ipc"] == "2" and run.data.tags["pdd.method"] == "mtt"
+    # issue 16.6: the "Default" experiment keeps artifacts under the storage root, not the cwd
+    default = client.get_experiment("0")
+    assert default.artifact_location.removeprefix("file://").startswith(str(storage / "mlartifacts"))
+    assert not (elsewhere / "mlruns").exists()
+    # a second tracker leaves a user's own choice of kind alone
+    client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    _tracker_store(tmp_path, monkeypatch)
+    assert client.get_experiment(exp.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_accuracy_figure_has_integer_stage_ticks_and_says_when_full_data_trained_less():
+    import numpy as np
+    from types import SimpleNamespace
+
+    from pdd_ray.tracking import accuracy_figure
+
+    res = SimpleNamespace(mean=lambda: np.array([0.5, 0.6, 0.7]), std=lambda: np.array([0.01, 0.02, 0.01]))
+    report = SimpleNamespace(pdd={"convnet": res}, random=SimpleNamespace(final=(55.0, 1.0), name="random ipc 3"),
+                             full=SimpleNamespace(final=(60.0, 1.0)))
+    fig = accuracy_figure(report, full_epochs=1, pdd_epochs=15)
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "full data (only 1 epoch, PDD 15)" in labels
+    fig = accuracy_figure(report, full_epochs=30, pdd_epochs=15)
+    assert "full data" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """An MLflow store with one tracked (empty) run, made without Ray."""
+    from pdd_ray.tracking import RunTracker
+
+    storage = tmp_path_factory.mktemp("uistore")
+    ov = [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking")]
+    env = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        RunTracker(load_config("digits", ov + ["tracking.enabled=true"])).finish()
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+    return storage
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_ui_stops_the_whole_server_on_sigterm_sigint_sighup(small_store, sig):
+    from pdd_ray.ui import group_alive
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pdd_ray", "ui", str(small_store), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        line = proc.stdout.readline()  # printed (and flushed, into a pipe) once the server answers
+        if not line:
+            proc.wait(timeout=60)
+            pytest.fail(f"pdd-ray ui exited {proc.returncode} without a URL: {proc.stderr.read()[-500:]}")
+        assert "#/experiments/" in line and "workflowType=machine_learning" in line, line
+        assert "viewStateShareKey=pdd_ray-best-first" in line
+        servers = _children(proc.pid)
+        assert len(servers) == 1
+        server = servers[0]  # leads its own process group: mlflow server and its uvicorn worker
+        assert len(group_alive(server)) >= 1 and not _port_free(port)
+        print(f"URL after {time.time() - t0:.1f} s")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert group_alive(server) == []  # nothing of the server is left (no re-parented worker)
+    assert _port_free(port)
