@@ -78,6 +78,7 @@ NOT_CONSUMED = {
     "evaluation.lr": "evaluation.lr=0.5",
     "evaluation.carry_optimizer_state": "evaluation.carry_optimizer_state=false",
     "evaluation.full_epochs": "evaluation.full_epochs=3",
+    "evaluation.baselines": "evaluation.baselines=false",
     "evaluation.full_batch_size": "evaluation.full_batch_size=32",
     "evaluation.archs": "evaluation.archs=[convnet,resnet18]",
     "evaluation.cpus_per_run": "evaluation.cpus_per_run=2",
