@@ -134,9 +134,12 @@ def test_half_migrated_store_is_refused_with_the_fix(tmp_path):
     cfg = load_config("digits", [f"storage={tmp_path}", "tracking.enabled=true"])
     with pytest.raises(PddError, match=r"half-created .*_alembic_tmp_tags.*mv .*mlflow.db .*mlflow.db.broken"):
         RunTracker(cfg)
-    db.rename(db.with_name("mlflow.db.broken"))  # the fix it names works
-    tracker = RunTracker(cfg)
-    tracker.finish()
+    db.rename(db.with_name("mlflow.db.broken"))  # the fix it names works (in a new process, as a re-run is:
+    go = tmp_path / "go"  # this one's MLflow keeps its engine on the moved file)
+    go.touch()
+    proc = subprocess.run([sys.executable, "-c", _TRACKER, str(tmp_path), str(go)], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_unreadable_store_is_one_line(tmp_path):
