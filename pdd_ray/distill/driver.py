@@ -33,7 +33,7 @@ from pdd_ray.distill.artifact import write_artifact
 from pdd_ray.distill.health import StageHealth, stage_health
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.methods.base import check_real_classes
-from pdd_ray.distill.stage import NONFINITE_METRIC, StageTask, load_state, stage_worker
+from pdd_ray.distill.stage import StageTask, load_state, stage_worker
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet, random_subset, recipe_from_config
 from pdd_ray.experts.produce import (
@@ -349,6 +349,8 @@ def run_stage(
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
     fail_at = os.environ.get(FAIL_AT_ENV)
+    problem_path = directory / f"stage_{k}.problem.txt"  # written by the workers if the stage goes non-finite
+    problem_path.unlink(missing_ok=True)
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     task = StageTask(
         stage=k,
@@ -382,6 +384,7 @@ def run_stage(
         log_target=log_target,
         deterministic=d.deterministic,
         image_limit=float(b.train_x.abs().max()),
+        problem_path=str(problem_path),
     )
     trainer = TorchTrainer(
         stage_worker,
@@ -407,9 +410,10 @@ def run_stage(
         stop.set()
         watcher.join(timeout=10)
         ray.kill(board)
-    problem = (result.metrics or {}).get(NONFINITE_METRIC)
-    if problem:  # the workers stopped at a NaN/inf: no stage record, no artifact, one line for the user
-        raise PddError(str(problem))
+    if problem_path.is_file():  # the workers stopped at a NaN/inf: no stage record, no artifact, one line
+        problem = problem_path.read_text().strip()
+        problem_path.unlink(missing_ok=True)
+        raise PddError(problem)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
     s = load_state(result.checkpoint)

@@ -73,6 +73,7 @@ class StageTask:
     log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
     image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
+    problem_path: str | None = None  # rank 0 writes a non-finite/diverged stop's one-line reason here
 
 
 def use_deterministic(on: bool) -> None:
@@ -296,6 +297,10 @@ def stage_worker(config: dict) -> None:
         if problem is not None:  # stop without a checkpoint: the latest one is the last finite state
             if logger is not None:
                 logger.flush()
+            if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
+                tmp = f"{task.problem_path}.tmp-{os.getpid()}"  # metrics reported without checkpoints)
+                Path(tmp).write_text(problem)
+                os.replace(tmp, task.problem_path)
             ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
             return
         losses.append(float(loss_t))
