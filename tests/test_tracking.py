@@ -263,11 +263,19 @@ def _children(pid: int) -> list[int]:
 
 
 def _port_free(port: int) -> bool:
+    """Nobody listens on ``port`` and a new server could bind it (SO_REUSEADDR, as servers do:
+    connections the old server closed may linger in TIME_WAIT)."""
     import socket
 
+    with socket.socket() as c:
+        c.settimeout(5)
+        if c.connect_ex(("127.0.0.1", port)) == 0:
+            return False
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen()
             return True
         except OSError:
             return False
