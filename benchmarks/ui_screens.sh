@@ -81,11 +81,13 @@ declare -A PAGES=(
     [stage_metrics]="$BASE/#/experiments/$EXP/runs/$STAGE/model-metrics?$Q"
     [artifacts]="$BASE/#/experiments/$EXP/runs/$PARENT/artifacts/accuracy_vs_stage.png?$Q"
 )
+# the stage's charts are sorted by name: the synthetic_images chart (the slider) is in the third row
+declare -A HEIGHT=([runs_page]=900 [parent_run]=900 [stage_metrics]=1180 [artifacts]=900)
 for name in runs_page parent_run stage_metrics artifacts; do
     png="$WORK/$name.png"
     setsid "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
         --disable-sync --no-first-run --hide-scrollbars --user-data-dir="$WORK/profile-$name" --screenshot="$png" \
-        --window-size=1400,900 --virtual-time-budget="${VIRTUAL_TIME_MS:-20000}" "${PAGES[$name]}" \
+        --window-size="1400,${HEIGHT[$name]}" --virtual-time-budget="${VIRTUAL_TIME_MS:-20000}" "${PAGES[$name]}" \
         > "$WORK/chromium-$name.log" 2>&1 &
     cpid=$!
     CHROME_PGIDS+=("$cpid")
