@@ -52,7 +52,7 @@ from pdd_ray.distill.driver import distill, run_dir  # noqa: E402
 from pdd_ray.evaluation import EvalResult, evaluate_full_baseline, evaluate_random_baseline  # noqa: E402
 from pdd_ray.experts.produce import expert_store_root, stage1_experts, stage1_jobs  # noqa: E402
 from pdd_ray.experts.store import TrajectoryStore  # noqa: E402
-from pdd_ray.pipeline import evaluate_distilled  # noqa: E402
+from pdd_ray.pipeline import evaluate_distilled, soft_label_controls  # noqa: E402
 from pdd_ray.prepare import prepare  # noqa: E402
 
 
@@ -91,8 +91,12 @@ def acc(res: EvalResult) -> dict:
 
 def config_for(args, total_ipc: int, p: int, base: str = "mtt", discard: float = 0.0) -> PddConfig:
     extra = "".join("-" + kv.replace("=", "").replace(".", "_") for kv in args.set)
+    equal = ([f"evaluation.epochs_per_stage={args.total_epochs // p}"] if args.total_epochs else [])
+    datm = ["experts.keep_all_epochs=true"] if base == "datm" else []  # one expert set (and labeller) for every P
     return load_config("digits", [
         f"name=quality-{base}-ipc{total_ipc}-p{p}" + (f"-discard{discard:g}" if discard else "") + extra,
+        *equal,
+        *datm,
         f"method={base}",
         f"distill.discard_fraction={discard}",
         f"storage={args.storage}",
@@ -133,7 +137,9 @@ def markdown(result: dict) -> str:
         "# Distilled-data quality on digits (equal total IPC, equal iteration budget)",
         "",
         f"Budget {result['budget']} distillation iterations in total per method (iterations per stage = budget / P); "
-        f"{result['runs']} evaluation runs each, test accuracy % (mean ± std). Experts: {result['experts']['experts']} "
+        f"{result['runs']} evaluation runs each, test accuracy % (mean ± std); equal training budget: every row's "
+        f"evaluation networks train {result.get('total_epochs', '?')} epochs in total (epochs per stage = that / P; "
+        "full data keeps its own recipe). Experts: {result['experts']['experts']} "
         f"x {result['experts']['final_epoch']} epochs, val acc {result['experts']['val_acc_at_reach']:.2f}% at epoch "
         f"{result['experts']['reach_epoch']} (furthest matching target), {result['experts']['val_acc_final']:.2f}% at "
         f"epoch {result['experts']['final_epoch']}. Shared stage-1 experts: {result['seconds']['shared_experts']:.0f} s "
@@ -146,10 +152,11 @@ def markdown(result: dict) -> str:
                   "| method | stages × IPC | iterations / stage | test acc after each stage | final test acc | "
                   "distill s | eval s | wall s |",
                   "|---|---|---|---|---|---|---|---|"]
-        r = block.get("random")
-        if r:
-            lines.append(f"| random subset | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
-                         f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
+        for key, label in (("random", "random subset"), ("random_soft", "random subset, soft labels (DATM's expert)")):
+            r = block.get(key)
+            if r:
+                lines.append(f"| {label} | 1 × {t} | – | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
+                             f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
         for m in block["methods"]:
             curve = " → ".join(f"{v:.2f}" for v in m["accuracy"]["test_mean"])
             label = m["method"]
@@ -161,6 +168,11 @@ def markdown(result: dict) -> str:
                 f"{fmt(m['accuracy']['final_test_mean'], m['accuracy']['final_test_std'])} | "
                 f"{m['seconds']['distill']:.0f} | {m['seconds']['evaluation']:.0f} | {m['seconds']['wall']:.0f}"
                 f"{' (resumed)' if m['resumed_stages'] else ''} |")
+            h = m.get("hard_labels")
+            if h:
+                curve = " → ".join(f"{v:.2f}" for v in h["test_mean"])
+                lines.append(f"| {label}, same images with hard labels | {m['stages']} × {m['ipc_per_stage']} | – | "
+                             f"{curve} | {fmt(h['final_test_mean'], h['final_test_std'])} | – | {h['seconds']:.0f} | – |")
         f = result.get("full")
         if f:
             lines.append(f"| full data | all images | – | – | {fmt(f['final_test_mean'], f['final_test_std'])} | – | "
@@ -179,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--storage", type=Path, default=None,
                     help="where experts and runs go (default: a temporary directory, removed at the end)")
-    ap.add_argument("--methods", nargs="+", default=["mtt"], choices=["mtt", "dm", "idc"],
+    ap.add_argument("--total-epochs", type=int, default=None,
+                    help="equal training budget: every row's evaluation networks train this many epochs in total "
+                         "(epochs per stage = total / P; the random rows train it in one stage); default: "
+                         "max(--stages) x the preset's evaluation.epochs_per_stage")
+    ap.add_argument("--methods", nargs="+", default=["mtt"], choices=["mtt", "dm", "idc", "datm"],
                     help="base methods, each at every --stages (default mtt)")
     ap.add_argument("--discard", type=float, nargs="+", default=[0.0],
                     help="forgetting-score discard fractions, applied to P >= 2 rows (default 0)")
@@ -197,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.stages:
         if args.budget % p:
             ap.error(f"--budget {args.budget} is not divisible by P = {p}")
+    if args.total_epochs is None:
+        args.total_epochs = max(args.stages) * load_config("digits").evaluation.epochs_per_stage
+    for p in args.stages:
+        if args.total_epochs % p:
+            ap.error(f"--total-epochs {args.total_epochs} is not divisible by P = {p}")
     md_path = args.md or args.out.with_suffix(".md")
     temp_storage = args.storage is None
     args.storage = Path(tempfile.mkdtemp(prefix="pdd-bench-quality-")) if temp_storage else args.storage.resolve()
 
     ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
     t_all = time.perf_counter()
-    base = config_for(args, args.total_ipc[0], args.stages[0])
+    base = config_for(args, args.total_ipc[0], 1)  # its evaluation config trains the whole budget in one stage
     prepared = prepare(base)  # data, split and model are identical across methods
     result: dict = {
         "benchmark": "quality",
@@ -219,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation": base.evaluation.model_dump(mode="json"),
             "augment": base.augment.strategy,
         },
+        "total_epochs": args.total_epochs,
         "seconds": {},
         "settings": [],
         "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
@@ -272,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 pdd = evaluate_distilled(cfg, prepared, dres, progress=False)["convnet"]
                 t_eval = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                hard, rnd_soft = soft_label_controls(cfg, prepared, dres, False)  # (None, None) without soft labels
+                t_controls = time.perf_counter() - t0  # both controls together
+                if rnd_soft is not None and "random_soft" not in block:
+                    block["random_soft"] = {**acc(rnd_soft), "seconds": t_controls, "labeller": dres.expert_keys[0]}
                 m = {
+                    "hard_labels": {**acc(hard), "seconds": t_controls} if hard is not None else None,
+                    "eval_epochs_per_stage": cfg.evaluation.epochs_per_stage,
                     "method": method_name(p, base_method, discard) + "".join(f", {kv}" for kv in args.set),
                     "overrides": list(args.set),
                     "base": base_method,

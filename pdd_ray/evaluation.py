@@ -20,18 +20,24 @@ from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.soft_labels import union_targets
 from pdd_ray.training import TrainRecipe, accuracy, train
 
 
 @dataclass
 class StageSet:
-    """The images a stage adds, their labels and the learning rate used to train on the union."""
+    """The images a stage adds, their labels and the learning rate used to train on the union.
+
+    ``soft_labels`` (logits, N x classes; DATM) make every network train with soft
+    cross-entropy against their softmax; ``labels`` still name each image's class.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     lr: float
     epochs: int | None = None
     batch_size: int | None = None
+    soft_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,9 +109,11 @@ def progressive_run(
     scores: dict[str, list[float]] = {name: [] for name in eval_sets}
     union_x: list[torch.Tensor] = []
     union_y: list[torch.Tensor] = []
+    union_soft: list[torch.Tensor | None] = []
     for stage in stages:
         union_x.append(stage.images.detach().cpu())
         union_y.append(stage.labels.detach().cpu())
+        union_soft.append(stage.soft_labels.detach().cpu() if stage.soft_labels is not None else None)
         stage_recipe = replace(
             recipe,
             lr=stage.lr,
@@ -115,7 +123,7 @@ def progressive_run(
         optimizer = train(
             model,
             torch.cat(union_x),
-            torch.cat(union_y),
+            union_targets(union_y, union_soft, spec.num_classes),
             stage_recipe,
             g,
             optimizer=optimizer if carry_optimizer_state else None,
@@ -209,12 +217,19 @@ def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: 
 
 
 def evaluate_random_baseline(
-    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True
+    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True,
+    soft_labeller=None,
 ) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
-    paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it."""
+    paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
+
+    ``soft_labeller(x) -> logits`` (DATM's honest control): the same subset, trained with soft
+    cross-entropy against an expert's logits instead of its class labels."""
     x, y = random_subset(bundle, ipc, seed)
-    return _evaluate_baseline(f"random ipc{ipc}", StageSet(x, y, lr=cfg.lr), bundle, spec, cfg, augment, seed, progress)
+    soft = soft_labeller(x) if soft_labeller is not None else None
+    name = f"random ipc{ipc}" + (" soft labels" if soft is not None else "")
+    return _evaluate_baseline(name, StageSet(x, y, lr=cfg.lr, soft_labels=soft), bundle, spec, cfg, augment, seed,
+                              progress)
 
 
 def evaluate_full_baseline(
