@@ -139,7 +139,7 @@ def markdown(result: dict) -> str:
         f"Budget {result['budget']} distillation iterations in total per method (iterations per stage = budget / P); "
         f"{result['runs']} evaluation runs each, test accuracy % (mean ± std); equal training budget: every row's "
         f"evaluation networks train {result.get('total_epochs', '?')} epochs in total (epochs per stage = that / P; "
-        "full data keeps its own recipe). Experts: {result['experts']['experts']} "
+        f"full data keeps its own recipe). Experts: {result['experts']['experts']} "
         f"x {result['experts']['final_epoch']} epochs, val acc {result['experts']['val_acc_at_reach']:.2f}% at epoch "
         f"{result['experts']['reach_epoch']} (furthest matching target), {result['experts']['val_acc_final']:.2f}% at "
         f"epoch {result['experts']['final_epoch']}. Shared stage-1 experts: {result['seconds']['shared_experts']:.0f} s "
