@@ -65,7 +65,7 @@ from pdd_ray.evaluation import (  # noqa: E402
 )
 from pdd_ray.experts.produce import expert_store_root, stage1_experts, stage1_jobs  # noqa: E402
 from pdd_ray.experts.store import TrajectoryStore  # noqa: E402
-from pdd_ray.pipeline import evaluate_distilled  # noqa: E402
+from pdd_ray.pipeline import evaluate_distilled, soft_label_controls  # noqa: E402
 from pdd_ray.prepare import prepare  # noqa: E402
 
 
@@ -104,8 +104,10 @@ def acc(res: EvalResult) -> dict:
 
 def config_for(args, total_ipc: int, p: int, base: str = "mtt", discard: float = 0.0) -> PddConfig:
     extra = "".join("-" + kv.replace("=", "").replace(".", "_") for kv in args.set)
+    datm = ["experts.keep_all_epochs=true"] if base == "datm" else []  # one expert set (and labeller) for every P
     return load_config("digits", [
         f"name=quality-{base}-ipc{total_ipc}-p{p}" + (f"-discard{discard:g}" if discard else "") + extra,
+        *datm,
         f"method={base}",
         f"distill.discard_fraction={discard}",
         f"storage={args.storage}",
@@ -163,10 +165,11 @@ def markdown(result: dict) -> str:
                   "| method | stages × IPC | iterations / stage | epochs / stage | test acc after each stage | "
                   "final test acc | distill s | eval s | wall s |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        r = block.get("random")
-        if r:
-            lines.append(f"| random subset | 1 × {t} | – | {r.get('epochs', '–')} | – | {fmt(r['final_test_mean'], r['final_test_std'])} | – | "
-                         f"{r['seconds']:.0f} | {r['seconds']:.0f} |")
+        for key, label in (("random", "random subset"), ("random_soft", "random subset, soft labels (DATM's expert)")):
+            r = block.get(key)
+            if r:
+                lines.append(f"| {label} | 1 × {t} | – | {r.get('epochs', '–')} | – | "
+                             f"{fmt(r['final_test_mean'], r['final_test_std'])} | – | {r['seconds']:.0f} | {r['seconds']:.0f} |")
         for m in block["methods"]:
             curve = " → ".join(f"{v:.2f}" for v in m["accuracy"]["test_mean"])
             label = m["method"]
@@ -179,6 +182,11 @@ def markdown(result: dict) -> str:
                 f"{fmt(m['accuracy']['final_test_mean'], m['accuracy']['final_test_std'])} | "
                 f"{m['seconds']['distill']:.0f} | {m['seconds']['evaluation']:.0f} | {m['seconds']['wall']:.0f}"
                 f"{' (resumed)' if m['resumed_stages'] else ''} |")
+            h = m.get("hard_labels")
+            if h:
+                curve = " → ".join(f"{v:.2f}" for v in h["test_mean"])
+                lines.append(f"| {label}, same images with hard labels | {m['stages']} × {m['ipc_per_stage']} | – | "
+                             f"{m.get('eval_epochs_per_stage', '–')} | {curve} | {fmt(h['final_test_mean'], h['final_test_std'])} | – | {h['seconds']:.0f} | – |")
         f = result.get("full")
         if f:
             lines.append(f"| full data | all images | – | {f.get('epochs', '–')} | – | {fmt(f['final_test_mean'], f['final_test_std'])} | – | "
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--storage", type=Path, default=None,
                     help="where experts and runs go (default: a temporary directory, removed at the end)")
-    ap.add_argument("--methods", nargs="+", default=["mtt"], choices=["mtt", "dm", "idc"],
+    ap.add_argument("--methods", nargs="+", default=["mtt"], choices=["mtt", "dm", "idc", "datm"],
                     help="base methods, each at every --stages (default mtt)")
     ap.add_argument("--discard", type=float, nargs="+", default=[0.0],
                     help="forgetting-score discard fractions, applied to P >= 2 rows (default 0)")
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
     t_all = time.perf_counter()
-    base = config_for(args, args.total_ipc[0], args.stages[0])
+    base = config_for(args, args.total_ipc[0], 1)  # its evaluation config trains the whole budget in one stage
     prepared = prepare(base)  # data, split and model are identical across methods
     result: dict = {
         "benchmark": "quality",
@@ -296,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 pdd = evaluate_distilled(cfg, prepared, dres, progress=False)["convnet"]
                 t_eval = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                hard, rnd_soft = soft_label_controls(cfg, prepared, dres, False)  # (None, None) without soft labels
+                t_controls = time.perf_counter() - t0  # both controls together
+                if rnd_soft is not None and "random_soft" not in block:
+                    block["random_soft"] = {**acc(rnd_soft), "seconds": t_controls, "labeller": dres.expert_keys[0],
+                                          "epochs": args.eval_epochs}
                 m = {
+                    "hard_labels": {**acc(hard), "seconds": t_controls} if hard is not None else None,
+                    "eval_epochs_per_stage": cfg.evaluation.epochs_per_stage,
                     "method": method_name(p, base_method, discard) + "".join(f", {kv}" for kv in args.set),
                     "overrides": list(args.set),
                     "base": base_method,

@@ -122,7 +122,7 @@ class ExpertsConfig(_Section):
 class DistillConfig(_Section):
     """PDD stages on top of the base distillation method."""
 
-    method: Literal["mtt", "dm", "idc"] = "mtt"  # registry: pdd_ray.distill.methods.METHODS
+    method: Literal["mtt", "dm", "idc", "datm"] = "mtt"  # registry: pdd_ray.distill.methods.METHODS
     num_stages: int = Field(5, ge=1, le=100)
     ipc_per_stage: int = Field(2, ge=1)
     iterations: int = Field(5000, ge=0)
@@ -191,6 +191,23 @@ class IdcConfig(_Section):
         return None if v is None else AugmentConfig._known_families(v)
 
 
+class DatmConfig(_Section):
+    """DATM (``method: datm``; Guo et al., ICLR 2024) as PDD's base method: MTT with learned
+    soft labels and a difficulty-aligned start-epoch window (``pdd_ray/distill/methods/datm.py``).
+    The matching settings (``syn_steps``, ``expert_epochs``, ``lr_img``, ``lr_lr``, ...) stay
+    in ``distill``; only what DATM adds lives here."""
+
+    soft_labels: bool = True  # learn per-image logits (init: an expert's logits on correctly classified reals)
+    lr_labels: float = Field(2.0, gt=0.0)  # the logits' SGD lr (DATM's lr_y)
+    momentum_labels: float = Field(0.9, ge=0.0, lt=1.0)  # DATM's Momentum_y
+    label_epoch: int | None = Field(None, ge=0)  # the labelling expert's epoch; null: its last recorded one
+    min_start_epoch: int = Field(0, ge=0)  # start epochs are drawn from [min, upper)
+    max_start_epoch: int | None = Field(None, ge=1)  # initial upper bound; null: distill.max_start_epoch
+    max_start_epoch_final: int | None = Field(None, ge=1)  # upper bound reached by growth; null: no growth
+    expansion_iterations: int | None = Field(None, ge=1)  # iterations to reach it (linear); null: the stage's
+    stage_shift: int = Field(0, ge=0)  # every later stage moves the whole window this many epochs later
+
+
 class EvalConfig(_Section):
     """The progressive evaluator and the baselines that share its harness."""
 
@@ -232,6 +249,7 @@ class PddConfig(_Section):
     distill: DistillConfig = DistillConfig()
     dm: DmConfig = DmConfig()
     idc: IdcConfig = IdcConfig()
+    datm: DatmConfig = DatmConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -270,6 +288,8 @@ class PddConfig(_Section):
         if d.method == "idc" and size is not None and size % self.idc.factor:
             raise ValueError(f"idc.factor = {self.idc.factor} does not divide the image size {size}; "
                              "multi-formation needs equal patches")
+        if d.method == "datm":
+            _check_datm(self)
         return self
 
     @property
@@ -287,6 +307,27 @@ def absolute_storage(storage: str) -> str:
     if "://" in storage:
         return storage.rstrip("/")
     return str(Path(storage).expanduser().resolve())
+
+
+def _check_datm(cfg: PddConfig) -> None:
+    """The DATM window must be non-empty and every stage's matching target inside the
+    recorded trajectories; soft-label gradients exist only for the full unroll."""
+    d, w = cfg.distill, cfg.datm
+    upper = w.max_start_epoch if w.max_start_epoch is not None else d.max_start_epoch
+    if w.min_start_epoch >= upper:
+        raise ValueError(f"datm.min_start_epoch = {w.min_start_epoch} must be below the window's upper bound "
+                         f"{upper} (datm.max_start_epoch, or distill.max_start_epoch when unset)")
+    if w.max_start_epoch_final is not None and w.max_start_epoch_final < upper:
+        raise ValueError(f"datm.max_start_epoch_final = {w.max_start_epoch_final} is below the initial upper bound "
+                         f"{upper}; the window only grows")
+    reach = max(upper, w.max_start_epoch_final or 0) + w.stage_shift * (d.num_stages - 1) + d.expert_epochs
+    if reach > cfg.experts.epochs:
+        raise ValueError(f"the DATM window reaches epoch {reach} at stage {d.num_stages} (upper bound + "
+                         f"datm.stage_shift x (stages - 1) + distill.expert_epochs) but experts.epochs = "
+                         f"{cfg.experts.epochs}; matching targets must lie inside the recorded trajectories")
+    if w.soft_labels and d.unroll != "full":
+        raise ValueError(f"datm.soft_labels needs distill.unroll = 'full' (got {d.unroll!r}); the memory-bounded "
+                         "unrolls do not differentiate the labels")
 
 
 def _check_model_size(arch: str, size: int, depth: int | None) -> None:

@@ -29,19 +29,25 @@ from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.progress import log as progress_log
 from pdd_ray.progress import time_left
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.soft_labels import union_targets
 from pdd_ray.training import TrainRecipe, accuracy, train
 
 
 
 @dataclass
 class StageSet:
-    """The images a stage adds, their labels and the learning rate used to train on the union."""
+    """The images a stage adds, their labels and the learning rate used to train on the union.
+
+    ``soft_labels`` (logits, N x classes; DATM) make every network train with soft
+    cross-entropy against their softmax; ``labels`` still name each image's class.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     lr: float
     epochs: int | None = None
     batch_size: int | None = None
+    soft_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,9 +124,11 @@ def progressive_run(
     scores: dict[str, list[float]] = {name: [] for name in eval_sets}
     union_x: list[torch.Tensor] = []
     union_y: list[torch.Tensor] = []
+    union_soft: list[torch.Tensor | None] = []
     for stage in stages:
         union_x.append(stage.images.detach().cpu())
         union_y.append(stage.labels.detach().cpu())
+        union_soft.append(stage.soft_labels.detach().cpu() if stage.soft_labels is not None else None)
         stage_recipe = replace(
             recipe,
             lr=stage.lr,
@@ -130,7 +138,7 @@ def progressive_run(
         optimizer = train(
             model,
             torch.cat(union_x),
-            torch.cat(union_y),
+            union_targets(union_y, union_soft, spec.num_classes),
             stage_recipe,
             g,
             optimizer=optimizer if carry_optimizer_state else None,
@@ -259,7 +267,8 @@ def baseline_key(name: str, stage: StageSet, recipe: TrainRecipe, spec: ModelSpe
         "name": name,
         "dataset": dataset_digest,
         "stage": {"images": _tensor_digest(stage.images), "labels": _tensor_digest(stage.labels), "lr": stage.lr,
-                  "epochs": stage.epochs, "batch_size": stage.batch_size},
+                  "epochs": stage.epochs, "batch_size": stage.batch_size,
+                  "soft_labels": _tensor_digest(stage.soft_labels) if stage.soft_labels is not None else None},
         "recipe": asdict(recipe),
         "model": spec.to_dict(),
         "eval_sets": {k: [_tensor_digest(x), _tensor_digest(y)] for k, (x, y) in sorted(eval_sets.items())},
@@ -281,17 +290,21 @@ def _read_cached(path: Path) -> EvalResult | None:
 
 def evaluate_random_baseline(
     bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True,
-    epochs: int | None = None, cache_dir: Path | None = None,
+    epochs: int | None = None, cache_dir: Path | None = None, soft_labeller=None,
 ) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
     paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
 
     ``epochs``: the one stage's length; pass :func:`budget_epochs` of the set it is compared
     with (equal training budget). Default: one stage of ``cfg.epochs_per_stage``.
+    ``soft_labeller(x) -> logits`` (DATM's honest control): the same subset, trained with soft
+    cross-entropy against an expert's logits instead of its class labels.
     """
     x, y = random_subset(bundle, ipc, seed)
-    stage = StageSet(x, y, lr=cfg.lr, epochs=epochs)
-    return _evaluate_baseline(f"random ipc{ipc}", stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
+    soft = soft_labeller(x) if soft_labeller is not None else None
+    name = f"random ipc{ipc}" + (" soft labels" if soft is not None else "")
+    stage = StageSet(x, y, lr=cfg.lr, epochs=epochs, soft_labels=soft)
+    return _evaluate_baseline(name, stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pdd_ray.config import PddConfig
+from pdd_ray.config import EvalConfig, PddConfig
 from pdd_ray.distill.driver import DistillResult, distill, run_lock
 from pdd_ray.evaluation import (
     EvalResult,
@@ -40,12 +40,18 @@ class RunReport:
     full: EvalResult | None
     seconds: dict[str, float] = field(default_factory=dict)
     budget_epochs: int | None = None  # evaluation epochs every distilled/random row trains (equal budget)
+    # soft-label controls (DATM; README "Honest reporting"): the same images with hard labels,
+    # and the random subset with the same expert's soft labels
+    pdd_hard: EvalResult | None = None
+    random_soft: EvalResult | None = None
 
     def rows(self) -> list[tuple[str, str, float, float]]:
         """Table rows: random subset, PDD after each stage (per arch), full data."""
         rows = []
         if self.random is not None:
             rows.append(("random subset", f"ipc {self.random.name.removeprefix('random ipc')}", *self.random.final))
+        if self.random_soft is not None:
+            rows.append(("random subset, soft labels", f"ipc {self.distilled_total_ipc()}", *self.random_soft.final))
         n_classes = max(1, len(set(self.distilled.stages[0].labels.tolist())))
         stored = self.distilled.outcomes[0].images.shape[0] // n_classes  # the budget (IDC stores fewer)
         decoded = self.distilled.stages[0].images.shape[0] // n_classes  # what networks train on
@@ -57,6 +63,10 @@ class RunReport:
                 mark = health[k].mark if k < len(health) else ""  # a diverged stage is not PDD: say so
                 rows.append((f"PDD stage {k + 1}" + ("" if arch == "convnet" else f" [{arch}]")
                              + (f" ({mark})" if mark else ""), setting, float(means[k]), float(stds[k])))
+        if self.pdd_hard is not None:
+            means, stds = self.pdd_hard.mean() * 100, self.pdd_hard.std() * 100
+            for k in range(len(means)):
+                rows.append((f"PDD stage {k + 1}, hard labels", f"ipc {stored * (k + 1)}", float(means[k]), float(stds[k])))
         if self.full is not None:
             rows.append(("full data", "all images", *self.full.final))
         return rows
@@ -67,6 +77,11 @@ class RunReport:
             return {}
         return {key: v for key, v in self.distilled.health[k].to_dict().items()
                 if key not in ("stage", "best_iteration", "best_val_acc")}
+
+    def distilled_total_ipc(self) -> int:
+        """Stored images per class of the whole union."""
+        n_classes = max(1, len(set(self.distilled.stages[0].labels.tolist())))
+        return sum(o.images.shape[0] for o in self.distilled.outcomes) // n_classes
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +95,8 @@ class RunReport:
             "pdd": {a: r.to_dict() for a, r in self.pdd.items()},
             "random": self.random.to_dict() if self.random is not None else None,
             "full": self.full.to_dict() if self.full is not None else None,
+            "pdd_hard_labels": self.pdd_hard.to_dict() if self.pdd_hard is not None else None,
+            "random_soft_labels": self.random_soft.to_dict() if self.random_soft is not None else None,
             "seconds": self.seconds,
             "budget_epochs": self.budget_epochs,
             "table": [{"method": m, "setting": s, "mean": mu, "std": sd} for m, s, mu, sd in self.rows()],
@@ -105,6 +122,40 @@ def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult
             progress=progress,
         )
     return out
+
+
+def stage1_labeller(cfg: PddConfig, prepared: Prepared, result: DistillResult):
+    """``x -> logits`` of the expert that labelled stage 1 (the first stage-1 expert at
+    ``datm.label_epoch``, default its last recorded epoch): the soft labels of the random control."""
+    from pdd_ray.experts.produce import expert_store_root
+    from pdd_ray.experts.store import TrajectoryStore
+    from pdd_ray.soft_labels import expert_logits, labeller_params
+
+    key = result.expert_keys[0]
+    index = TrajectoryStore(expert_store_root(cfg)).indices(key)[0]
+    theta, _ = labeller_params(expert_store_root(cfg), key, index, cfg.datm.label_epoch)
+    return lambda x: expert_logits(prepared.spec, theta, x)
+
+
+def soft_label_controls(cfg: PddConfig, prepared: Prepared, result: DistillResult, progress: bool,
+                        ev: EvalConfig | None = None) -> tuple[EvalResult | None, EvalResult | None]:
+    """Soft labels inflate accuracy even for random real images (DD-Ranking's point), so a
+    soft-label set is reported beside two controls: its images trained with their hard labels
+    (same recipe, same per-stage lr and epochs), and the random subset of the same total IPC
+    trained with soft labels from the same expert. (None, None) for hard-label sets."""
+    if all(s.soft_labels is None for s in result.stages):
+        return None, None
+    ev = ev or cfg.evaluation
+    hard = evaluate_progressive(
+        "PDD hard labels", prepared.spec, [replace(s, soft_labels=None) for s in result.stages],
+        recipe_from_config(ev, cfg.augment.strategy), eval_sets_of(prepared.bundle), ev.runs, cfg.seed,
+        carry_optimizer_state=ev.carry_optimizer_state, cpus_per_run=ev.cpus_per_run,
+        gpus_per_run=ev.gpus_per_run, progress=progress,
+    )
+    rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.distill.total_ipc,
+                                   cfg.seed, progress, epochs=budget_epochs(ev, len(result.stages)),
+                                   soft_labeller=stage1_labeller(cfg, prepared, result))
+    return hard, rnd
 
 
 def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None, run_name: str | None = None,
@@ -164,7 +215,9 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
             full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
-    report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages))
+    hard, random_soft = soft_label_controls(cfg, prepared, result, progress) if baselines else (None, None)
+    report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages),
+                       pdd_hard=hard, random_soft=random_soft)
     path = result.directory / "results.json"
     tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(report.to_dict(), indent=2))

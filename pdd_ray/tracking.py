@@ -355,6 +355,11 @@ class RunTracker:
         for arch, r in report.pdd.items():
             metrics.append(Metric(f"final_test_acc_{arch}", float(r.mean()[-1]), now, 0))
         metrics.append(Metric("final_test_acc", float(means[-1]), now, 0))  # the runs table's default column
+        if getattr(report, "pdd_hard", None) is not None:  # soft-label controls (DATM)
+            for k, v in enumerate(report.pdd_hard.mean()):
+                metrics.append(Metric("hard_label_test_acc", float(v), now, k + 1))
+        if getattr(report, "random_soft", None) is not None:
+            metrics.append(Metric("random_soft_label_test_acc", report.random_soft.final[0] / 100, now, 0))
         metrics += [Metric(f"seconds_{k}", v, now, 0) for k, v in report.seconds.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
         pdd_epochs = sum(st.epochs for st in report.distilled.stages)

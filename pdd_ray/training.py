@@ -54,6 +54,9 @@ def train(
 ) -> torch.optim.Optimizer:
     """Train ``model`` in place on ``(x, y)`` for ``recipe.epochs`` shuffled epochs.
 
+    ``y`` holds class indices, or class probabilities (N x classes, soft labels): cross-entropy
+    then is the soft one, −Σ p log softmax(f(x)) averaged over the batch.
+
     ``optimizer`` may be passed in to continue with its momentum (progressive evaluation);
     its lr is then set to ``recipe.lr``. The lr drops x0.1 after half the epochs when
     ``lr_decay_at_half``. ``on_epoch(e)`` runs after each epoch (experts record parameters
@@ -87,7 +90,8 @@ def train(
             loss.backward()
             optimizer.step()
             if on_batch is not None:
-                on_batch(epoch, idx, logits.detach().argmax(1) == yb)
+                hard = yb.argmax(1) if yb.dim() == 2 else yb  # soft targets (probabilities): their top class
+                on_batch(epoch, idx, logits.detach().argmax(1) == hard)
         if on_epoch is not None:
             on_epoch(epoch)
     return optimizer

@@ -7,7 +7,9 @@ Layout (format 1)::
                          zca (file or null), model spec, stages [{file, ipc, count, alpha, grid}],
                          evaluation recipe (epochs per stage, momentum, wd, batch, decay, DSA,
                          optimiser carry-over), provenance (config digest, pdd_ray version)
-      stage_1.npz ...    images (float32 N,C,H,W in model space) and labels (int64) ADDED at stage k
+      stage_1.npz ...    images (float32 N,C,H,W in model space) and labels (int64) ADDED at stage k;
+                         with learned soft labels (DATM) also soft_labels (float32 N,classes logits):
+                         the stage entry says "soft_labels": true and the recipe "labels": "soft"
       zca.npz            the whitening (when ZCA is on): mean, matrix, inverse_matrix
       grid_stage_1.png   the images of stage k, one row per class, in pixel space (inverse ZCA)
 
@@ -62,6 +64,13 @@ class Distilled:
     @property
     def labels(self) -> torch.Tensor:
         return torch.cat([s.labels for s in self.stages])
+
+    @property
+    def soft_labels(self) -> torch.Tensor | None:
+        """The union's learned logits (DATM), or None when the artifact has hard labels only."""
+        if any(s.soft_labels is None for s in self.stages):
+            return None
+        return torch.cat([s.soft_labels for s in self.stages])
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -136,8 +145,10 @@ def write_artifact(
         entries = []
         for k, stage in enumerate(stages, start=1):
             file = f"stage_{k}.npz"
+            soft = ({"soft_labels": stage.soft_labels.detach().cpu().float().numpy()}
+                    if stage.soft_labels is not None else {})
             _atomic_npz(tmp_dir / file, images=stage.images.detach().cpu().float().numpy(),
-                        labels=stage.labels.detach().cpu().long().numpy())
+                        labels=stage.labels.detach().cpu().long().numpy(), **soft)
             grid = f"grid_stage_{k}.png"
             save_grid(to_pixels(stage.images, mean, std, zca), stage.labels.cpu(), spec.num_classes, tmp_dir / grid)
             entries.append({
@@ -148,6 +159,7 @@ def write_artifact(
                 "ipc": int(stage.images.shape[0] // max(1, spec.num_classes)),
                 "alpha": float(stage.lr),
                 "epochs": stage.epochs,
+                **({"soft_labels": True} if soft else {}),
             })
         if zca is not None:
             zca.save(tmp_dir / "zca.npz")
@@ -165,6 +177,11 @@ def write_artifact(
         }
         if decode is not None:
             manifest["decode"] = decode
+        if any(st.soft_labels is not None for st in stages):
+            manifest["evaluation"]["labels"] = "soft"
+            manifest["evaluation"]["labels_note"] = (
+                "each stage file holds soft_labels (logits); train with soft cross-entropy against their softmax, "
+                "-sum(p * log_softmax(f(x))) averaged over the batch, as DATM; labels name each image's class")
         # a digest per file: load_distilled refuses damaged bytes instead of training on them
         manifest["sha256"] = {f.name: file_sha256(f) for f in sorted(tmp_dir.iterdir()) if f.is_file()}
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -199,14 +216,16 @@ def load_distilled(path: str | Path) -> Distilled:
         try:
             with np.load(file, allow_pickle=False) as z:
                 images, labels = torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy())
+                soft = torch.from_numpy(z["soft_labels"].copy()) if entry.get("soft_labels") else None
         except (OSError, KeyError, ValueError) as exc:
             raise PddError(f"artifact stage file {file} is missing or corrupt ({type(exc).__name__})") from None
-        stages.append(StageSet(images, labels, lr=float(entry["alpha"]), epochs=entry.get("epochs")))
+        stages.append(StageSet(images, labels, lr=float(entry["alpha"]), epochs=entry.get("epochs"), soft_labels=soft))
     zca_file = manifest["normalization"].get("zca")
     zca = ZCA.load(root / zca_file) if zca_file else None
     ev = dict(manifest["evaluation"])
     carry = bool(ev.pop("carry_optimizer_state", True))
-    ev.pop("note", None)
+    for k in ("note", "labels", "labels_note"):
+        ev.pop(k, None)
     recipe = TrainRecipe(**ev)
     return Distilled(stages=stages, spec=ModelSpec.from_dict(manifest["model"]), recipe=recipe,
                      carry_optimizer_state=carry, zca=zca, manifest=manifest)

@@ -57,6 +57,7 @@ from pdd_ray.prepare import Prepared, data_settings
 from pdd_ray.progress import Milestones, phase, time_left
 from pdd_ray.progress import log as progress_log
 from pdd_ray.seeding import derive_seed
+from pdd_ray.soft_labels import union_targets
 from pdd_ray.training import TrainRecipe
 
 #: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
@@ -74,6 +75,7 @@ class StageOutcome:
     best_iteration: int
     losses: list[float]
     val_history: list[tuple[int, float]]
+    soft_labels: torch.Tensor | None = None  # learned logits (DATM), None for hard labels
 
 
 def selection_recipe(cfg: PddConfig) -> TrainRecipe:
@@ -195,8 +197,9 @@ def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
     d = directory / f"stage_{k}"
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".stage.tmp-{uuid.uuid4().hex}.npz"
+    soft = {"soft_labels": out.soft_labels.numpy()} if out.soft_labels is not None else {}
     np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(), losses=np.array(out.losses, dtype=np.float64),
-             val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2))
+             val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2), **soft)
     digest = file_sha256(tmp)
     os.replace(tmp, d / "stage.npz")
     _write_json(d / "manifest.json", {"stage": k, "done": True, "alpha": out.alpha,
@@ -225,7 +228,8 @@ def load_stage(directory: Path, k: int) -> StageOutcome | None:
         with np.load(d / "stage.npz", allow_pickle=False) as z:
             return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
                                 float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
-                                z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]])
+                                z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]],
+                                torch.from_numpy(z["soft_labels"].copy()) if "soft_labels" in z.files else None)
     except PddError:
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
@@ -344,10 +348,19 @@ def run_stage(
         raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
     params = method.stage_params(cfg, b.num_classes, k)
     init_seed = derive_seed(cfg.seed, "stage-init", k)
-    init = method.init_images(params, b, d.ipc_per_stage, init_seed)  # IDC: several real images per stored one
-    init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
+    init_soft = None
+    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, store.root, expert_key,
+                                        indices)  # DATM: correctly classified reals and the expert's logits
+    if soft_init is not None:
+        init_x, init_y, init_soft = soft_init
+    else:
+        init = method.init_images(params, b, d.ipc_per_stage, init_seed)  # IDC: several real images per stored one
+        init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
+    frozen_soft = None
+    if init_soft is not None:
+        frozen_soft = torch.cat([s.soft_labels for s in frozen]) if frozen else init_soft[:0]
     fail_at = os.environ.get(FAIL_AT_ENV)
     problem_path = directory / f"stage_{k}.problem.txt"  # written by the workers if the stage goes non-finite
     problem_path.unlink(missing_ok=True)
@@ -385,6 +398,10 @@ def run_stage(
         deterministic=d.deterministic,
         image_limit=float(b.train_x.abs().max()),
         problem_path=str(problem_path),
+        init_soft_labels=init_soft,
+        frozen_soft_labels=frozen_soft,
+        lr_labels=float(params.get("lr_labels", 0.0)),
+        momentum_labels=float(params.get("momentum_labels", 0.0)),
     )
     trainer = TorchTrainer(
         stage_worker,
@@ -425,6 +442,7 @@ def run_stage(
         best_iteration=int(s["best_iteration"]),
         losses=s["losses"].tolist(),
         val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
+        soft_labels=s["best_soft_labels"].float() if "best_soft_labels" in s else None,
     )
 
 
@@ -474,7 +492,7 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
         prev = prev[: d.transition_experts]
     alpha = union[-1].lr
     ux = torch.cat([s.images for s in union])
-    uy = torch.cat([s.labels for s in union])
+    uy = union_targets([s.labels for s in union], [s.soft_labels for s in union], prepared.spec.num_classes)
     warm = warmup_recipe(cfg, alpha)
     real = transition_real_recipe(cfg)
     reach = real.epochs - 1
@@ -617,9 +635,9 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
             tracker.log_stage_health(health[-1])
             tracker.on_stage(k, out, seconds[f"stage_{k}"], from_record)
         outcomes.append(out)
-        stored.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs))
+        stored.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs, soft_labels=out.soft_labels))
         train_x, train_y = method.decode(method.stage_params(cfg, prepared.bundle.num_classes, k), out.images, out.labels)
-        stages.append(StageSet(train_x, train_y, lr=out.alpha, epochs=ev_epochs))
+        stages.append(StageSet(train_x, train_y, lr=out.alpha, epochs=ev_epochs, soft_labels=out.soft_labels))
         if on_stage is not None:
             on_stage(k, out)
         if k < cfg.distill.num_stages:

@@ -74,6 +74,11 @@ class StageTask:
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
     image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
     problem_path: str | None = None  # rank 0 writes a non-finite/diverged stop's one-line reason here
+    # learned soft labels (DATM): the new images' initial logits and the frozen stages' logits
+    init_soft_labels: torch.Tensor | None = None
+    frozen_soft_labels: torch.Tensor | None = None
+    lr_labels: float = 0.0
+    momentum_labels: float = 0.0
 
 
 def use_deterministic(on: bool) -> None:
@@ -106,7 +111,8 @@ def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, method: BaseMethod) -> float:
+def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, method: BaseMethod,
+             union_soft: torch.Tensor | None = None) -> float:
     """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α.
 
     Networks start from the method's conditioned pool (random inits at stage 1, models already
@@ -118,7 +124,7 @@ def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alph
     for r in range(task.eval_runs):
         scores = progressive_run(
             task.spec,
-            [StageSet(train_x, train_y, lr=alpha)],
+            [StageSet(train_x, train_y, lr=alpha, soft_labels=union_soft)],
             task.eval_recipe,
             {"val": (val_x, val_y)},
             derive_seed(task.seed, "stage", task.stage, "validate", r),
@@ -145,7 +151,8 @@ def nonfinite_problem(task: StageTask, iteration: int, **values: torch.Tensor | 
     step so large that the student's weights overflow.
     """
     names = {"loss": "the matching loss", "grad_images": "the image gradient", "grad_alpha": "the gradient of α",
-             "images": "the synthetic images", "alpha": "α"}
+             "images": "the synthetic images", "alpha": "α", "grad_labels": "the soft labels' gradient",
+             "soft_labels": "the soft labels"}
     for name, v in values.items():
         if v is None:
             continue
@@ -208,6 +215,10 @@ def stage_worker(config: dict) -> None:
     opt_img = torch.optim.SGD([new_x], lr=task.lr_img, momentum=0.5)
     opt_lr = torch.optim.SGD([alpha], lr=task.lr_lr, momentum=0.5)
     alpha_min = ALPHA_FLOOR * task.lr_init
+    soft = task.init_soft_labels is not None
+    new_s = task.init_soft_labels.clone().float().to(device).requires_grad_(True) if soft else None
+    method.soft_labels = new_s
+    opt_lab = torch.optim.SGD([new_s], lr=task.lr_labels, momentum=task.momentum_labels) if soft else None
 
     def alpha_now() -> float:
         """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
@@ -215,7 +226,8 @@ def stage_worker(config: dict) -> None:
         return float(alpha.detach()) if method.learns_alpha else float(task.lr_init)
 
     start_it = 0
-    best = {"acc": -1.0, "iteration": -1, "images": new_x.detach().cpu().clone(), "alpha": float(task.lr_init)}
+    best = {"acc": -1.0, "iteration": -1, "images": new_x.detach().cpu().clone(), "alpha": float(task.lr_init),
+            "soft_labels": new_s.detach().cpu().clone() if soft else None}
     losses: list[float] = []
     val_history: list[tuple[int, float]] = []
     checkpoint = ray.train.get_checkpoint()
@@ -228,12 +240,20 @@ def stage_worker(config: dict) -> None:
         opt_lr.load_state_dict(s["opt_lr"])
         start_it = int(s["iteration"])
         best = {"acc": float(s["best_acc"]), "iteration": int(s["best_iteration"]),
-                "images": s["best_images"], "alpha": float(s["best_alpha"])}
+                "images": s["best_images"], "alpha": float(s["best_alpha"]), "soft_labels": None}
+        if soft:
+            with torch.no_grad():
+                new_s.copy_(s["soft_labels"].to(device))
+            opt_lab.load_state_dict(s["opt_labels"])
+            best["soft_labels"] = s["best_soft_labels"]
         losses = s["losses"].tolist()
         val_history = [(int(i), float(a)) for i, a in s["val_history"].tolist()]
 
     def state(iteration: int, done: bool = False) -> dict:
+        labels = ({"soft_labels": new_s.detach().cpu().clone(), "opt_labels": opt_lab.state_dict(),
+                   "best_soft_labels": best["soft_labels"]} if soft else {})
         return {
+            **labels,
             "iteration": iteration,
             "images": new_x.detach().cpu().clone(),
             "alpha": alpha.detach().cpu().clone(),
@@ -261,7 +281,8 @@ def stage_worker(config: dict) -> None:
             if rank == 0:
                 union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
                 union_y = torch.cat([task.frozen_labels, task.new_labels])
-                val_acc = validate(task, union_x, union_y, alpha_now(), method)
+                union_s = torch.cat([task.frozen_soft_labels, new_s.detach().cpu()]) if soft else None
+                val_acc = validate(task, union_x, union_y, alpha_now(), method, union_s)
                 val_history.append((it, val_acc))
                 if task.progress is not None:
                     task.progress.update.remote(val_acc=val_acc)
@@ -269,7 +290,8 @@ def stage_worker(config: dict) -> None:
                     logger.metrics(it, val_acc=val_acc)
                     logger.images(it, new_x.detach().cpu(), task.new_labels)
                 if val_acc > best["acc"]:
-                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": alpha_now()}
+                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": alpha_now(),
+                            "soft_labels": new_s.detach().cpu().clone() if soft else None}
         if it == task.iterations:
             break
         if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
@@ -280,11 +302,17 @@ def stage_worker(config: dict) -> None:
         g = iteration_generator(task.seed, task.stage, it, rank)
         res = method.update(it, rank, new_x, alpha, g)
         grad_a = res.grad_alpha.reshape(1) if res.grad_alpha is not None else torch.zeros(1, device=device)
-        grad_x, grad_a, loss_t = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)])
-        problem = nonfinite_problem(task, it, loss=loss_t, grad_images=grad_x, grad_alpha=grad_a)
+        averaged = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)]
+                                + ([res.grad_labels] if soft else []))  # labels' gradients averaged like the images'
+        grad_x, grad_a, loss_t = averaged[:3]
+        problem = nonfinite_problem(task, it, loss=loss_t, grad_images=grad_x, grad_alpha=grad_a,
+                                    grad_labels=averaged[3] if soft else None)
         if problem is None:
             new_x.grad = grad_x.contiguous()
             opt_img.step()
+            if soft:
+                new_s.grad = averaged[3].contiguous()
+                opt_lab.step()
             with torch.no_grad():
                 method.project(new_x)
             if method.learns_alpha:
@@ -292,7 +320,8 @@ def stage_worker(config: dict) -> None:
                 opt_lr.step()
                 with torch.no_grad():
                     alpha.clamp_(min=alpha_min)
-            problem = (nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach())
+            problem = (nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach(),
+                                         soft_labels=new_s.detach() if soft else None)
                        or diverged_problem(task, it, new_x))
         if problem is not None:  # stop without a checkpoint: the latest one is the last finite state
             if logger is not None:

@@ -60,7 +60,13 @@ def expert_recipe(cfg: PddConfig) -> TrainRecipe:
 
 
 def matching_reach(cfg: PddConfig) -> int:
-    """Last epoch index trajectory matching can touch: start < max_start_epoch, + expert_epochs."""
+    """Last epoch index trajectory matching can touch: start < max_start_epoch, + expert_epochs.
+
+    DATM's window may grow during a stage and move per stage: its furthest upper bound counts."""
+    if cfg.distill.method == "datm":
+        from pdd_ray.distill.methods.datm import datm_reach
+
+        return datm_reach(cfg)
     return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
 
 

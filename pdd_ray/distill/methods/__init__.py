@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pdd_ray.distill.methods.base import BaseMethod, ConditionedPool, Update
+from pdd_ray.distill.methods.datm import DatmMethod
 from pdd_ray.distill.methods.dm import DmMethod
 from pdd_ray.distill.methods.idc import IdcMethod
 from pdd_ray.distill.methods.mtt import MttMethod
 from pdd_ray.errors import PddError
 
-METHODS: dict[str, type[BaseMethod]] = {m.name: m for m in (MttMethod, DmMethod, IdcMethod)}
+METHODS: dict[str, type[BaseMethod]] = {m.name: m for m in (MttMethod, DmMethod, IdcMethod, DatmMethod)}
 
 
 def method_class(name: str) -> type[BaseMethod]:

@@ -31,12 +31,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 class Update:
     """One outer iteration's result on one worker, before the all-reduce.
 
-    ``grad_alpha`` is None for methods that do not learn the step size.
+    ``grad_alpha`` is None for methods that do not learn the step size, ``grad_labels`` for
+    methods without learned soft labels (DATM has them).
     """
 
     loss: float
     grad_images: torch.Tensor
     grad_alpha: torch.Tensor | None = None
+    grad_labels: torch.Tensor | None = None
 
 
 class ConditionedPool:
@@ -94,6 +96,8 @@ class BaseMethod(ABC):
         self.device = device
         self.params = task.params
         self.pool = ConditionedPool(task.store_root, task.expert_key, task.expert_indices)
+        #: the new images' learnable logits (set by the stage loop when the task has soft labels)
+        self.soft_labels: torch.Tensor | None = None
 
     def load_real(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """The stage's real pool (``task.real_ref``: after forgetting-score discarding) on the
@@ -135,6 +139,13 @@ class BaseMethod(ABC):
     def init_images(cls, params: dict[str, Any], bundle: Any, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Initial stored images and labels of a stage, ``ipc`` per class in class-major order;
         None (the default) lets the driver start from ``ipc`` random real images per class."""
+        return None
+
+    @classmethod
+    def init_soft_labels(cls, params: dict[str, Any], bundle: Any, ipc: int, seed: int, spec: Any, store_root: str,
+                         expert_key: str | None, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Initial stored images, labels and learnable logits of a stage with soft labels;
+        None (the default): no soft labels."""
         return None
 
     def project(self, images: torch.Tensor) -> None:
