@@ -115,6 +115,11 @@ def test_method_sections_count_only_for_their_method():
     assert key("method=dm", "idc.lr_img=0.5") == key("method=dm")
     assert key("method=idc", "idc.lr_img=0.5") != key("method=idc")
     assert key("method=idc", "dm.batch_real=16") == key("method=idc")
+    # DATM's section (soft labels, windows) counts for DATM only
+    for override in ("datm.lr_labels=1.0", "datm.soft_labels=false", "datm.max_start_epoch_final=9",
+                     "datm.stage_shift=1", "datm.label_epoch=3", "datm.momentum_labels=0.5"):
+        assert key("method=datm", override) != key("method=datm"), override
+        assert key("method=mtt", override) == key("method=mtt"), override
     # DM does not read MTT's image lr (it has its own)
     assert key("method=dm", "distill.lr_img=50") == key("method=dm")
 
@@ -134,7 +139,7 @@ def test_every_config_field_is_classified():
     d = load_config("digits", []).model_dump(mode="json")
     leaves = {f"{s}.{k}" for s, sec in d.items() if isinstance(sec, dict) for k in sec}
     leaves |= {s for s, sec in d.items() if not isinstance(sec, dict)}
-    leaves = {f for f in leaves if f.split(".")[0] not in ("dm", "idc")}  # see test_method_sections_...
+    leaves = {f for f in leaves if f.split(".")[0] not in ("dm", "idc", "datm")}  # see test_method_sections_...
     missing = leaves - set(CONSUMED) - set(NOT_CONSUMED) - UNTESTED
     assert not missing, f"classify these settings in tests/test_run_key.py: {sorted(missing)}"
 
