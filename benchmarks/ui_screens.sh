@@ -6,7 +6,7 @@
 # STORAGE  a run's storage folder (holds mlflow.db); default /tmp/pdd_ray_ui_screens. When it has
 #          no mlflow.db yet, a tiny digits run (seconds of work, minutes of Ray start-up on a busy
 #          machine) is made there first.
-# OUTDIR   where the PNGs go; default docs/ui (the README's "Browsing results" shows them).
+# OUTDIR   where the PNGs go; default benchmarks/results/ui (the README's "Browsing results" shows them).
 #
 # It starts `pdd-ray ui STORAGE`, opens the URL it prints (the runs page), the parent run, a stage
 # run's metrics (with the image slider of the synthetic images) and the parent run's artifacts
@@ -17,7 +17,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 STORAGE="${1:-/tmp/pdd_ray_ui_screens}"
-OUT="${2:-$HERE/docs/ui}"
+OUT="${2:-$HERE/benchmarks/results/ui}"
 CHROMIUM="${CHROMIUM:-$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)}"
 PYTHON="${PYTHON:-python}"
 [ -n "$CHROMIUM" ] || { echo "ui_screens.sh: error: no chromium found (apt-get install -y chromium, or set CHROMIUM=)" >&2; exit 2; }
