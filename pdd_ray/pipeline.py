@@ -225,11 +225,13 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     return report
 
 
-def training_budget_line(cfg: PddConfig) -> str:
+def training_budget_line(cfg: PddConfig, baselines: bool = True) -> str:
     """The table's training budget: what every row but full data trained for (equal budget)."""
     ev, p = cfg.evaluation, cfg.distill.num_stages
-    return (f"training budget: {budget_epochs(ev, p)} epochs per row (PDD {p} stages x {ev.epochs_per_stage}, "
-            f"random subset {budget_epochs(ev, p)} in one stage); full data {ev.full_epochs} epochs")
+    line = f"training budget: {budget_epochs(ev, p)} epochs per row (PDD {p} stages x {ev.epochs_per_stage}"
+    if not baselines:  # no baseline rows to compare with
+        return line + ")"
+    return line + f", random subset {budget_epochs(ev, p)} in one stage); full data {ev.full_epochs} epochs"
 
 
 def baseline_cache(cfg: PddConfig) -> Path | None:
@@ -243,7 +245,7 @@ def print_report(cfg: PddConfig, report: RunReport) -> None:
     print()
     print(f"{cfg.name}: {cfg.data.dataset}, {cfg.distill.num_stages} stages x {cfg.distill.ipc_per_stage} images "
           f"per class, {cfg.evaluation.runs} evaluation runs (mean ± std test accuracy, %)")
-    print(training_budget_line(cfg))
+    print(training_budget_line(cfg, baselines=report.random is not None or report.full is not None))
     print(format_table(report.rows()))
     print()
     print(f"artifact: {report.distilled.artifact}  (grids: grid_stage_*.png)")

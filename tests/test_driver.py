@@ -25,7 +25,10 @@ def finished(ray_session, tmp_path_factory):
     gradient equals the full unroll's (tests/test_unroll.py).
     """
     out = tmp_path_factory.mktemp("driver")
-    cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint"])
+    # lr_img 0.001: with lr_lr = 1 and these 4-epoch experts, the preset's lr_img = 100 drives the
+    # images to ~1e6 x the data's range by iteration 1, which the divergence guard (rightly) stops
+    cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint",
+                                                           "distill.lr_img=0.001"])
     prepared = prepare(cfg)
     frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
     real_run_stage = driver.run_stage
@@ -50,7 +53,7 @@ def uninterrupted(finished):
     """Stage 1 of the same settings without the injected failure (a one-stage run: stage 1
     does not depend on the stage count; the stage-1 experts are found in the same store)."""
     cfg, prepared, _ = finished
-    one = load_config("digits", tiny_overrides(cfg.storage) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint",
+    one = load_config("digits", tiny_overrides(cfg.storage) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint", "distill.lr_img=0.001",
                                                                "distill.num_stages=1"])
     return distill(one, prepared, progress=False)
 

@@ -55,7 +55,7 @@ def own(ray_session, tmp_path_factory):
 def test_run_is_named_from_the_dataset(own):
     storage, ov, (code, _, err), _ = own
     assert code == 0, err[-3000:]
-    dirs = [p.name for p in (storage / "runs").iterdir()]
+    dirs = [p.name for p in (storage / "runs").iterdir() if p.is_dir()]  # not the run's lock file
     assert len(dirs) == 1 and dirs[0].startswith("flowers-"), dirs
     assert load_config("digits", ov).name == "flowers"
     assert load_config("digits", ov + ["name=mine"]).name == "mine"  # an explicit name wins

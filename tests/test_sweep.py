@@ -84,7 +84,8 @@ def asha(ray_session, tmp_path_factory):
         "name": "asha-sweep",
         "base": "digits",
         "storage": str(root),
-        "overrides": [o for o in tiny_overrides(str(root)) if not o.startswith(("storage", "name"))],
+        # validation networks long enough to tell layouts apart (at 5 epochs every trial sits at chance and ties)
+        "overrides": [o for o in tiny_overrides(str(root)) if not o.startswith(("storage", "name"))] + ["distill.eval_epochs=50"],
         "num_stages": [2],
         "ipc_per_stage": [1],
         "search": {"distill.lr_init": [0.01, 1.0e-9]},

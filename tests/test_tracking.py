@@ -116,7 +116,8 @@ def swept(ray_session, tmp_path_factory):
         "name": "tiny-sweep",
         "base": "digits",
         "storage": str(root),
-        "overrides": [o for o in tiny_overrides(str(root)) if not o.startswith(("storage", "name", "tracking"))],
+        # validation networks long enough to tell layouts apart (at 5 epochs every trial sits at chance and ties)
+        "overrides": [o for o in tiny_overrides(str(root)) if not o.startswith(("storage", "name", "tracking"))] + ["distill.eval_epochs=50"],
         "num_stages": [1, 2],
         "ipc_per_stage": [1, 2],
         "scheduler": "fifo",
