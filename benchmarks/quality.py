@@ -56,7 +56,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from pdd_ray.config import PddConfig, load_config  # noqa: E402
-from pdd_ray.distill.driver import distill, run_dir  # noqa: E402
+from pdd_ray.distill.driver import distill  # noqa: E402
+from pdd_ray.distill.identity import run_dir  # noqa: E402
 from pdd_ray.evaluation import (  # noqa: E402
     EvalResult,
     epochs_per_stage_for,

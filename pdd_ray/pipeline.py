@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pdd_ray.config import EvalConfig, PddConfig
-from pdd_ray.distill.driver import DistillResult, distill, run_lock
+from pdd_ray.distill.driver import DistillResult, distill
+from pdd_ray.distill.identity import run_lock
 from pdd_ray.evaluation import (
     EvalResult,
     budget_epochs,
@@ -162,7 +163,7 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
         on_stage=None, baselines: bool = True) -> RunReport:
     """Distill (or resume) and evaluate; returns the report and writes ``results.json``.
 
-    The whole run holds the run directory's lock (:func:`pdd_ray.distill.driver.run_lock`): a
+    The whole run holds the run directory's lock (:func:`pdd_ray.distill.identity.run_lock`): a
     concurrent run of the same config waits, then reuses the finished experts and stages.
     With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
     when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.

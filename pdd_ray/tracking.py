@@ -390,7 +390,7 @@ OWNER_TAG = "pdd.owner"
 
 def resume_key(cfg: PddConfig, extra_tags: dict[str, str] | None = None) -> str:
     """What a re-run of the same work shares with the run it resumes: its kind and run key."""
-    from pdd_ray.distill.driver import run_key
+    from pdd_ray.distill.identity import run_key
 
     tags = extra_tags or {}
     kind = tags.get("pdd.kind") or ("sweep" if "pdd.sweep" in tags else "run")

@@ -9,7 +9,7 @@ import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.distill.artifact import load_distilled
-from pdd_ray.distill.driver import load_stage
+from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.methods import METHODS, method_class
 from pdd_ray.distill.methods.dm import DmMethod
 from pdd_ray.experts.produce import expert_store_root

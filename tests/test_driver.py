@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill import driver, transition
 from pdd_ray.distill.artifact import load_distilled
-from pdd_ray.distill.driver import FAIL_AT_ENV, distill, load_stage, run_dir
+from pdd_ray.distill.driver import distill
+from pdd_ray.distill.identity import run_dir
+from pdd_ray.distill.launch import FAIL_AT_ENV
+from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.stage import ALPHA_FLOOR
 from pdd_ray.prepare import prepare
 
@@ -126,7 +129,7 @@ def test_second_run_does_no_distillation_work(finished, monkeypatch):
         raise AssertionError("a finished run must not distill again")
 
     monkeypatch.setattr(driver, "run_stage", refuse)
-    monkeypatch.setattr(driver, "produce", lambda *a, **k: [])  # transitions: nothing missing anyway
+    monkeypatch.setattr(transition, "produce", lambda *a, **k: [])  # transitions: nothing missing anyway
     again = distill(cfg, prepared, progress=False)
     for a, b in zip(again.stages, result.stages):
         assert torch.equal(a.images, b.images) and a.lr == b.lr

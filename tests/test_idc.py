@@ -260,7 +260,7 @@ def idc_run(ray_session, tmp_path_factory):
 
 
 def test_two_stages_stored_frozen_and_decoded(idc_run):
-    from pdd_ray.distill.driver import load_stage
+    from pdd_ray.distill.records import load_stage
 
     cfg, prepared, result, frozen_seen = idc_run
     n_stored = prepared.bundle.num_classes * cfg.distill.ipc_per_stage

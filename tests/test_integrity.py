@@ -14,7 +14,7 @@ import torch
 
 import pdd_ray.experts.store as store_mod
 from pdd_ray.distill.artifact import load_distilled, write_artifact
-from pdd_ray.distill.driver import StageOutcome, load_stage, save_stage
+from pdd_ray.distill.records import StageOutcome, load_stage, save_stage
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
 from pdd_ray.experts.store import TrajectoryStore

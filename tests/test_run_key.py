@@ -1,4 +1,4 @@
-"""The run key (``driver.run_key``) changes exactly when a setting the cached results consume changes.
+"""The run key (``identity.run_key``) changes exactly when a setting the cached results consume changes.
 
 Finished stages, Ray Train checkpoints and transition experts live under the run directory,
 so a key that ignores a consumed setting silently reuses stale stages (the bug this guards:
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pdd_ray.config import load_config
-from pdd_ray.distill.driver import run_dir, run_key
+from pdd_ray.distill.identity import run_dir, run_key
 
 #: Settings that alter the distilled images (directly or through selection / conditioning).
 CONSUMED = {

@@ -1,4 +1,4 @@
-"""PDD's transition (driver.transition_jobs + produce): expert j of stage k+1 starts from expert
+"""PDD's transition (transition.transition_jobs + produce): expert j of stage k+1 starts from expert
 j's initial weights, trains on S_<=k with α_k, then records real-data epochs with a fresh
 optimiser -- M + E + 1 epochs, i.e. M + E + 2 stored rows (row 0 = after the warm-up)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill.transition import transition_jobs
 from pdd_ray.evaluation import StageSet, random_subset
 from pdd_ray.experts.produce import expert_recipe, expert_store_root, produce, stage1_experts
 from pdd_ray.experts.store import TrajectoryStore
@@ -34,7 +34,7 @@ def transition(ray_session, tmp_path_factory):
     prepared = prepare(cfg)
     key, _ = stage1_experts(cfg, prepared, progress=False)
     union = [StageSet(*random_subset(prepared.bundle, 1, 123), lr=ALPHA_K)]
-    jobs = driver.transition_jobs(cfg, prepared, 1, key, union)
+    jobs = transition_jobs(cfg, prepared, 1, key, union)
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs[:1], prepared, progress=False)
     return cfg, prepared, key, union, jobs, store
@@ -92,6 +92,6 @@ def test_transition_records_m_plus_e_plus_2_rows_from_the_warm_start(transition)
 
 def test_transition_key_follows_its_inputs(transition):
     cfg, prepared, key, union, jobs, _ = transition
-    other_alpha = driver.transition_jobs(cfg, prepared, 1, key, [replace(union[0], lr=0.02)])
+    other_alpha = transition_jobs(cfg, prepared, 1, key, [replace(union[0], lr=0.02)])
     assert other_alpha[0].key != jobs[0].key
-    assert driver.transition_jobs(cfg, prepared, 1, key, union)[0].key == jobs[0].key
+    assert transition_jobs(cfg, prepared, 1, key, union)[0].key == jobs[0].key

@@ -20,7 +20,7 @@ from pdd_ray.config import PddConfig
 from pdd_ray.errors import PddError
 from pdd_ray.experts.store import TrajectoryStore, store_key
 from pdd_ray.experts.trajectory import Warmup, load_start_params, record_trajectory
-from pdd_ray.forgetting import aggregate, forgetting_counts, kept_indices, read_counts, scatter, write_counts
+from pdd_ray.forgetting import forgetting_counts, scatter, write_counts
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.prepare import Prepared
@@ -284,46 +284,6 @@ def stage1_experts(cfg: PddConfig, prepared: Prepared, progress: bool = True, on
     jobs = stage1_jobs(cfg, prepared)
     summaries = produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, "experts", progress, on_done)
     return jobs[0].key, summaries
-
-
-def real_pool(cfg: PddConfig, prepared: Prepared, stage: int) -> torch.Tensor | None:
-    """Indices into ``prepared.bundle.train_x`` that stage ``stage`` uses as real data; None = all.
-
-    From ``distill.discard_from_stage`` on, each class's ``floor(distill.discard_fraction * n_c)``
-    examples with the fewest forgetting events, summed over the config's stage-1 experts (which
-    must exist), are left out, keeping at least ``distill.discard_min_per_class`` per class
-    (:mod:`pdd_ray.forgetting`). Deterministic for a seed, so every
-    stage and every call sees the same sorted subset.
-    """
-    d = cfg.distill
-    if d.discard_fraction == 0 or stage < d.discard_from_stage:
-        return None
-    store = TrajectoryStore(expert_store_root(cfg))
-    key = stage1_key(cfg, prepared)
-    n = prepared.bundle.train_x.shape[0]
-    counts = []
-    for j in range(cfg.experts.num_experts):
-        if not store.exists(key, j):
-            raise PddError(f"distill.discard_fraction needs the stage-1 experts' forgetting counts, but expert {j} "
-                           f"is missing under {store.root}/{key}; run `pdd-ray experts` first")
-        c = read_counts(store, key, j)
-        if c is None:
-            raise PddError(f"distill.discard_fraction = {d.discard_fraction} needs forgetting counts, but the stage-1 "
-                           f"experts in {store.root}/{key} predate them; re-run the experts with a fresh store "
-                           "(a new experts.storage, or delete that folder)")
-        if c.shape[0] != n:
-            raise PddError(f"forgetting counts of expert {j} in {store.root}/{key} cover {c.shape[0]} examples, "
-                           f"the training set has {n}; delete that folder and re-run `pdd-ray experts`")
-        counts.append(c)
-    kept = kept_indices(aggregate(counts), d.discard_fraction, derive_seed(cfg.seed, "forgetting-ties"),
-                        labels=prepared.bundle.train_y.numpy(), min_per_class=d.discard_min_per_class)
-    return torch.from_numpy(kept)
-
-
-def real_examples(cfg: PddConfig, prepared: Prepared, stage: int) -> int:
-    """How many real training examples stage ``stage`` uses (the size of :func:`real_pool`)."""
-    pool = real_pool(cfg, prepared, stage)
-    return int(prepared.bundle.train_x.shape[0] if pool is None else pool.shape[0])
 
 
 def expert_store_root(cfg: PddConfig) -> str:

@@ -1,0 +1,205 @@
+"""One stage on Ray Train: build the workers' task, fit a ``TorchTrainer``, read its result.
+
+The per-worker loop itself is :func:`pdd_ray.distill.stage.stage_worker`; this module is the
+driver's side of it (initial images, frozen stages, the progress watcher, the fit off the
+main thread, the final checkpoint turned into a :class:`StageOutcome`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import ray
+import torch
+
+from pdd_ray.config import PddConfig
+from pdd_ray.distill.identity import selection_recipe
+from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.methods.base import check_real_classes
+from pdd_ray.distill.records import StageOutcome
+from pdd_ray.distill.stage import StageTask, load_state, stage_worker
+from pdd_ray.distill.stage_progress import ProgressBoard, _watch
+from pdd_ray.distill.transition import real_indices
+from pdd_ray.errors import PddError
+from pdd_ray.evaluation import StageSet, random_subset
+from pdd_ray.experts.produce import expert_store_root
+from pdd_ray.experts.store import TrajectoryStore
+from pdd_ray.prepare import Prepared
+from pdd_ray.seeding import derive_seed
+
+#: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
+FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
+
+
+def _real_ref(cfg: PddConfig, prepared: Prepared, k: int):
+    """The real examples stage k's matching may draw from (after forgetting-score discarding)."""
+    b = prepared.bundle
+    pool = real_indices(cfg, prepared, k)
+    if pool is None:
+        return ray.put((b.train_x, b.train_y))
+    check_real_classes(b.train_y[pool], b.num_classes, f"stage {k}")  # one line here, not a worker traceback
+    return ray.put((b.train_x[pool], b.train_y[pool]))
+
+
+def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
+    """Refuse a CPU worker layout the cluster can never schedule (Ray would wait forever)."""
+    total = ray.cluster_resources().get("CPU", 0)
+    if not use_gpu and workers * cpus > total:
+        raise PddError(
+            f"distill.num_workers x distill.cpus_per_worker = {workers} x {cpus} CPUs, but the Ray cluster has "
+            f"{total:g} CPUs; lower one of them"
+        )
+
+
+def run_stage(
+    cfg: PddConfig,
+    prepared: Prepared,
+    directory: Path,
+    k: int,
+    expert_key: str | None,
+    frozen: list[StageSet],
+    progress: bool = True,
+    log_target=None,
+) -> StageOutcome:
+    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
+
+    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
+    trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
+    a method that starts from fresh random networks.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d, b = cfg.distill, prepared.bundle
+    _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
+    method = method_class(d.method)
+    store = TrajectoryStore(expert_store_root(cfg))
+    indices = store.indices(expert_key) if expert_key else []
+    if method.needs_trajectories and not indices:
+        raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
+    params = method.stage_params(cfg, b.num_classes, k)
+    init_seed = derive_seed(cfg.seed, "stage-init", k)
+    init_soft = None
+    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, store.root, expert_key,
+                                        indices)  # DATM: correctly classified reals and the expert's logits
+    if soft_init is not None:
+        init_x, init_y, init_soft = soft_init
+    else:
+        init = method.init_images(params, b, d.ipc_per_stage, init_seed)  # IDC: several real images per stored one
+        init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
+    frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
+    frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
+    frozen_soft = None
+    if init_soft is not None:
+        frozen_soft = torch.cat([s.soft_labels for s in frozen]) if frozen else init_soft[:0]
+    fail_at = os.environ.get(FAIL_AT_ENV)
+    problem_path = directory / f"stage_{k}.problem.txt"  # written by the workers if the stage goes non-finite
+    problem_path.unlink(missing_ok=True)
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
+    task = StageTask(
+        stage=k,
+        method=d.method,
+        params=params,
+        spec=prepared.spec,
+        store_root=store.root,
+        expert_key=expert_key,
+        expert_indices=indices,
+        frozen_images=frozen_x,
+        frozen_labels=frozen_y,
+        init_images=init_x,
+        new_labels=init_y,
+        val_ref=ray.put((b.val_x, b.val_y)),
+        iterations=d.iterations,
+        lr_img=method.image_lr(cfg),
+        lr_lr=d.lr_lr,
+        lr_init=d.lr_init,
+        eval_every=d.eval_every,
+        eval_runs=d.eval_runs,
+        eval_recipe=selection_recipe(cfg),
+        checkpoint_every=d.checkpoint_every,
+        augment=cfg.augment.strategy,
+        seed=cfg.seed,
+        use_gpu=d.use_gpu,
+        real_ref=_real_ref(cfg, prepared, k) if method.needs_real_data else None,
+        threads=d.cpus_per_worker,
+        fail_at=int(fail_at) if fail_at and k == 1 else None,
+        fail_marker=str(directory / "injected_failure.marker"),
+        progress=board,
+        log_target=log_target,
+        deterministic=d.deterministic,
+        image_limit=float(b.train_x.abs().max()),
+        problem_path=str(problem_path),
+        init_soft_labels=init_soft,
+        frozen_soft_labels=frozen_soft,
+        lr_labels=float(params.get("lr_labels", 0.0)),
+        momentum_labels=float(params.get("momentum_labels", 0.0)),
+    )
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config={"task": task},
+        scaling_config=ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=f"stage_{k}",
+            storage_path=str(directory / "train"),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        result = _fit_off_main_thread(trainer)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        ray.kill(board)
+    if problem_path.is_file():  # the workers stopped at a NaN/inf: no stage record, no artifact, one line
+        problem = problem_path.read_text().strip()
+        problem_path.unlink(missing_ok=True)
+        raise PddError(problem)
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
+    s = load_state(result.checkpoint)
+    return StageOutcome(
+        images=s["best_images"].float(),
+        labels=init_y.clone(),
+        alpha=float(s["best_alpha"]),
+        best_val_acc=float(s["best_acc"]),
+        best_iteration=int(s["best_iteration"]),
+        losses=s["losses"].tolist(),
+        val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
+        soft_labels=s["best_soft_labels"].float() if "best_soft_labels" in s else None,
+    )
+
+
+def _fit_off_main_thread(trainer):
+    """``trainer.fit()`` in a helper thread, the main thread waiting.
+
+    On the main thread Ray Train installs its own SIGINT handler and never removes it: Ctrl-C then
+    aborts the Train run and the process exits 1 with no message, during the stage and in every
+    phase after it. Off the main thread Train leaves SIGINT alone (as under Tune), so Ctrl-C raises
+    KeyboardInterrupt here and the CLI stops Ray, closes the MLflow runs and exits 130; the
+    stage's checkpoints stay for the re-run.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="pdd-ray-stage", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
