@@ -19,7 +19,7 @@ from pdd_ray.distill.identity import selection_recipe
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.methods.base import check_real_classes
 from pdd_ray.distill.records import StageOutcome
-from pdd_ray.distill.stage import StageTask, load_state, stage_worker
+from pdd_ray.distill.stage import StageState, StageTask, stage_worker
 from pdd_ray.distill.stage_progress import ProgressBoard, _watch
 from pdd_ray.distill.transition import real_indices
 from pdd_ray.errors import PddError
@@ -166,16 +166,17 @@ def run_stage(
         raise PddError(problem)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
-    s = load_state(result.checkpoint)
+    state = StageState.load(result.checkpoint)
+    best = state.best
     return StageOutcome(
-        images=s["best_images"].float(),
+        images=best.images.float(),
         labels=init_y.clone(),
-        alpha=float(s["best_alpha"]),
-        best_val_acc=float(s["best_acc"]),
-        best_iteration=int(s["best_iteration"]),
-        losses=s["losses"].tolist(),
-        val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
-        soft_labels=s["best_soft_labels"].float() if "best_soft_labels" in s else None,
+        alpha=best.alpha,
+        best_val_acc=best.acc,
+        best_iteration=best.iteration,
+        losses=state.losses,
+        val_history=state.val_history,
+        soft_labels=best.soft_labels.float() if best.soft_labels is not None else None,
     )
 
 
