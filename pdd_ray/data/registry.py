@@ -25,8 +25,8 @@ from pdd_ray.data.sources import (RawData, SourceRequest, read_cifar, read_digit
                                   read_svhn)
 from pdd_ray.data.split import dataset_digest, stratified_split
 from pdd_ray.errors import PddError
+from pdd_ray.names import DATASETS
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "cifar10", "cifar100", "tiny_imagenet", "imagefolder")
 
 #: Seed of the test carve for datasets without an official test split. Fixed, so the test
 #: set never moves when the run seed changes (reported numbers stay comparable).

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from pdd_ray.augment import DiffAugment
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
+from pdd_ray.names import UNROLLS
 
-UNROLLS: tuple[str, ...] = ("full", "checkpoint", "tesla")
 
 
 @dataclass

@@ -5,8 +5,9 @@ freezing S_<k, the image optimiser, the gradient all-reduce across Ray Train wor
 validation-based selection, checkpoints and resume, artifacts, tracking and evaluation — is
 shared (``pdd_ray.distill.stage`` and ``pdd_ray.distill.driver``). A method only says how one
 outer iteration turns the current new images into a gradient, plus a few static facts the
-driver needs to prepare its inputs. Adding a method means one module here, one entry in
-``METHODS`` (``__init__.py``) and, if it has settings, one config section.
+driver needs to prepare its inputs. Adding a method means one module here, its name in
+``pdd_ray.names.METHODS``, its class in ``METHODS`` (``__init__.py``; ``tests/test_names.py``
+checks the two agree) and, if it has settings, one config section.
 """
 
 from __future__ import annotations
