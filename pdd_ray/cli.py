@@ -118,18 +118,14 @@ def cmd_experts(args: argparse.Namespace) -> int:
     ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
+    from pdd_ray.tracking import RunTracker, closed_on_error
+
     tracker = None
     if cfg.tracking.enabled:
-        from pdd_ray.tracking import RunTracker
-
         tracker = RunTracker(cfg, run_name=f"{cfg.name}/experts", extra_tags={"pdd.kind": "experts"})
         tracker.log_dataset(prepared.bundle)
-    try:
+    with closed_on_error(tracker):
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
-    except BaseException as err:
-        if tracker is not None:
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
     if tracker is not None:
         tracker.log_expert_summaries(key, summaries)
         tracker.finish()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig
 from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
@@ -248,9 +247,7 @@ def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: 
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"format": 1, "result": res.to_dict()}))
     return res
 
 

@@ -7,12 +7,11 @@ writes ``results.json`` beside the artifact.
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig, PddConfig
 from pdd_ray.distill.driver import DistillResult, distill
 from pdd_ray.distill.identity import run_lock
@@ -178,18 +177,14 @@ def _tracked_run(cfg: PddConfig, prepared: Prepared, progress: bool, parent_run_
                  run_name: str | None, on_stage, baselines: bool) -> RunReport:
     """:func:`run` once its run directory is locked: Ray, the MLflow run, the work, the report."""
     ensure_ray()
+    from pdd_ray.tracking import RunTracker, closed_on_error
+
     tracker = None
     if cfg.tracking.enabled:
-        from pdd_ray.tracking import RunTracker
-
         tracker = RunTracker(cfg, parent_id=parent_run_id, run_name=run_name)
         tracker.log_dataset(prepared.bundle)
-    try:
+    with closed_on_error(tracker):  # Ctrl-C included: no run is left RUNNING
         report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
-    except BaseException as err:  # Ctrl-C included: no run is left RUNNING
-        if tracker is not None:
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
     if tracker is not None:
         tracker.on_report(report)
         tracker.finish("FINISHED")
@@ -220,9 +215,7 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages),
                        pdd_hard=hard, random_soft=random_soft)
     path = result.directory / "results.json"
-    tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report.to_dict(), indent=2))
     return report
 
 

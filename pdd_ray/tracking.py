@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,20 @@ def tracking_uri(cfg: PddConfig) -> str:
         raise PddError(f"storage = {cfg.storage_root!r} is remote: set tracking.uri to an MLflow server (http://HOST:5000)")
     Path(root).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
+
+
+#: Entries per ``log_batch`` call: MLflow accepts at most 1000 metrics and 100 params in one.
+METRICS_PER_BATCH = 900
+PARAMS_PER_BATCH = 100
+
+
+def log_batches(client, run_id: str, metrics: list | None = None, params: list | None = None) -> None:
+    """``client.log_batch`` in as many calls as MLflow's per-call limits need (none for nothing)."""
+    metrics, params = metrics or [], params or []
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+    for i in range(0, len(params), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
 
 
 def _client(uri: str):
@@ -190,8 +206,7 @@ class StageLogger:
         self.client.log_image(t.run_id, grid, key="synthetic_images", step=step)
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), 900):
-            self.client.log_batch(self.target.run_id, metrics=self.pending[i : i + 900])
+        log_batches(self.client, self.target.run_id, metrics=self.pending)
         self.pending = []
 
 
@@ -237,8 +252,7 @@ class RunTracker:
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:6000]) for k, v in sorted(self.cfg.to_flat_dict().items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        log_batches(self.client, self.run_id, params=params)
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 
     def log_dataset(self, bundle, context: str = "training") -> None:
@@ -275,8 +289,7 @@ class RunTracker:
         for s in summaries:
             metrics.append(Metric("expert_final_val_acc", s["final_val_acc"], now, s["index"]))
             metrics.append(Metric("expert_final_train_acc", s["final_train_acc"], now, s["index"]))
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 900])
+        log_batches(self.client, self.run_id, metrics=metrics)
 
     def log_real_examples(self, k: int, n: int) -> None:
         """How many real training examples stage k's experts used (step = stage; forgetting discarding)."""
@@ -317,8 +330,7 @@ class RunTracker:
         if resumed_from_record:
             metrics += [Metric("loss", v, now, i + 1) for i, v in enumerate(outcome.losses)]
             metrics += [Metric("val_acc", a, now, it) for it, a in outcome.val_history]
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
+        log_batches(self.client, run_id, metrics=metrics)
         self.log_stage_params(k, outcome)
         self.client.log_batch(self.run_id, metrics=[Metric("stage_best_val_acc", outcome.best_val_acc, now, k),
                                                     Metric("stage_seconds", seconds, now, k)])
@@ -386,6 +398,18 @@ class RunTracker:
 
 RESUME_TAG = "pdd.resume_key"
 OWNER_TAG = "pdd.owner"
+
+
+@contextmanager
+def closed_on_error(tracker: RunTracker | None) -> Iterator[None]:
+    """Run the body; if it raises (Ctrl-C included), mark ``tracker``'s runs KILLED (on
+    KeyboardInterrupt) or FAILED before the error goes on, so no run is left RUNNING."""
+    try:
+        yield
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def resume_key(cfg: PddConfig, extra_tags: dict[str, str] | None = None) -> str:

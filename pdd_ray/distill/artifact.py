@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from PIL import Image
 
 from pdd_ray import __version__
+from pdd_ray.atomic import atomic_path, temp_name
 from pdd_ray.data import ZCA
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
@@ -74,9 +74,8 @@ class Distilled:
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def to_pixels(images: torch.Tensor, mean, std, zca: ZCA | None) -> torch.Tensor:
@@ -114,9 +113,8 @@ def grid_array(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, min
 
 def save_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path) -> None:
     """Write :func:`grid_array` as a PNG (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.png")
-    Image.fromarray(grid_array(pixels, labels, num_classes)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid_array(pixels, labels, num_classes)).save(tmp, format="PNG")
 
 
 def write_artifact(
@@ -139,7 +137,7 @@ def write_artifact(
     None (MTT, DM) writes no entry, so those manifests are unchanged.
     """
     final = Path(path)
-    tmp_dir = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+    tmp_dir = temp_name(final)
     tmp_dir.mkdir(parents=True)
     try:
         entries = []

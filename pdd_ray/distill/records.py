@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pdd_ray.atomic import atomic_path, write_text_atomic
 from pdd_ray.errors import PddError
 from pdd_ray.integrity import file_sha256, verify_files
 
@@ -37,9 +36,7 @@ class StageOutcome:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
@@ -50,12 +47,12 @@ def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
     """
     d = directory / f"stage_{k}"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".stage.tmp-{uuid.uuid4().hex}.npz"
     soft = {"soft_labels": out.soft_labels.numpy()} if out.soft_labels is not None else {}
-    np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(), losses=np.array(out.losses, dtype=np.float64),
-             val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2), **soft)
-    digest = file_sha256(tmp)
-    os.replace(tmp, d / "stage.npz")
+    with atomic_path(d / "stage.npz", suffix=".npz") as tmp:
+        np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(),
+                 losses=np.array(out.losses, dtype=np.float64),
+                 val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2), **soft)
+        digest = file_sha256(tmp)
     _write_json(d / "manifest.json", {"stage": k, "done": True, "alpha": out.alpha,
                                       "best_val_acc": out.best_val_acc, "best_iteration": out.best_iteration,
                                       "sha256": {"stage.npz": digest}})

@@ -23,6 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
@@ -386,9 +387,7 @@ def _stop(task: StageTask, rank: int, it: int, problem: str, logger) -> None:
     if logger is not None:
         logger.flush()
     if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
-        tmp = f"{task.problem_path}.tmp-{os.getpid()}"  # metrics reported without checkpoints)
-        Path(tmp).write_text(problem)
-        os.replace(tmp, task.problem_path)
+        write_text_atomic(Path(task.problem_path), problem)  # metrics reported without checkpoints)
     ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
 
 
