@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -53,63 +54,80 @@ def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
         )
 
 
-def run_stage(
-    cfg: PddConfig,
-    prepared: Prepared,
-    directory: Path,
-    k: int,
-    expert_key: str | None,
-    frozen: list[StageSet],
-    progress: bool = True,
-    log_target=None,
-) -> StageOutcome:
-    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
+@dataclass
+class _Conditioning:
+    """Where stage k's conditioning pool lives: the store, its key (None: fresh networks) and
+    the expert indices present."""
 
-    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
-    trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
-    a method that starts from fresh random networks.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    store_root: str
+    key: str | None
+    indices: list[int]
 
-    d, b = cfg.distill, prepared.bundle
-    _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
-    method = method_class(d.method)
+
+@dataclass
+class _InitialSets:
+    """The stage's starting images and labels, and the frozen earlier stages it matches with."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    soft_labels: torch.Tensor | None  # learned logits (DATM), None for hard labels
+    frozen_images: torch.Tensor
+    frozen_labels: torch.Tensor
+    frozen_soft_labels: torch.Tensor | None
+
+
+def _conditioning(cfg: PddConfig, expert_key: str | None) -> _Conditioning:
+    """The stage's conditioning pool; a method that matches trajectories needs its experts."""
     store = TrajectoryStore(expert_store_root(cfg))
     indices = store.indices(expert_key) if expert_key else []
-    if method.needs_trajectories and not indices:
+    if method_class(cfg.distill.method).needs_trajectories and not indices:
         raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
+    return _Conditioning(store.root, expert_key, indices)
+
+
+def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: _Conditioning,
+                  frozen: list[StageSet]) -> _InitialSets:
+    """Stage k's initial images: the method's own (DATM: correctly classified reals with the
+    expert's logits; IDC: several real images per stored one) or a seeded random subset."""
+    d, b = cfg.distill, prepared.bundle
+    method = method_class(d.method)
     params = method.stage_params(cfg, b.num_classes, k)
     init_seed = derive_seed(cfg.seed, "stage-init", k)
     init_soft = None
-    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, store.root, expert_key,
-                                        indices)  # DATM: correctly classified reals and the expert's logits
+    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, cond.store_root,
+                                        cond.key, cond.indices)
     if soft_init is not None:
         init_x, init_y, init_soft = soft_init
     else:
-        init = method.init_images(params, b, d.ipc_per_stage, init_seed)  # IDC: several real images per stored one
+        init = method.init_images(params, b, d.ipc_per_stage, init_seed)
         init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
     frozen_soft = None
     if init_soft is not None:
         frozen_soft = torch.cat([s.soft_labels for s in frozen]) if frozen else init_soft[:0]
+    return _InitialSets(init_x, init_y, init_soft, frozen_x, frozen_y, frozen_soft)
+
+
+def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: _Conditioning,
+                init: _InitialSets, board, log_target) -> StageTask:
+    """Everything stage k's workers need, sent once through ``train_loop_config``."""
+    d, b = cfg.distill, prepared.bundle
+    method = method_class(d.method)
+    params = method.stage_params(cfg, b.num_classes, k)
     fail_at = os.environ.get(FAIL_AT_ENV)
-    problem_path = directory / f"stage_{k}.problem.txt"  # written by the workers if the stage goes non-finite
-    problem_path.unlink(missing_ok=True)
-    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
-    task = StageTask(
+    return StageTask(
         stage=k,
         method=d.method,
         params=params,
         spec=prepared.spec,
-        store_root=store.root,
-        expert_key=expert_key,
-        expert_indices=indices,
-        frozen_images=frozen_x,
-        frozen_labels=frozen_y,
-        init_images=init_x,
-        new_labels=init_y,
+        store_root=cond.store_root,
+        expert_key=cond.key,
+        expert_indices=cond.indices,
+        frozen_images=init.frozen_images,
+        frozen_labels=init.frozen_labels,
+        init_images=init.images,
+        new_labels=init.labels,
         val_ref=ray.put((b.val_x, b.val_y)),
         iterations=d.iterations,
         lr_img=method.image_lr(cfg),
@@ -130,13 +148,26 @@ def run_stage(
         log_target=log_target,
         deterministic=d.deterministic,
         image_limit=float(b.train_x.abs().max()),
-        problem_path=str(problem_path),
-        init_soft_labels=init_soft,
-        frozen_soft_labels=frozen_soft,
+        problem_path=str(_problem_path(directory, k)),
+        init_soft_labels=init.soft_labels,
+        frozen_soft_labels=init.frozen_soft_labels,
         lr_labels=float(params.get("lr_labels", 0.0)),
         momentum_labels=float(params.get("momentum_labels", 0.0)),
     )
-    trainer = TorchTrainer(
+
+
+def _problem_path(directory: Path, k: int) -> Path:
+    """Where stage k's workers write the one-line reason of a non-finite or diverged stop."""
+    return directory / f"stage_{k}.problem.txt"
+
+
+def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
+    """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d = cfg.distill
+    return TorchTrainer(
         stage_worker,
         train_loop_config={"task": task},
         scaling_config=ScalingConfig(
@@ -149,6 +180,32 @@ def run_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+def run_stage(
+    cfg: PddConfig,
+    prepared: Prepared,
+    directory: Path,
+    k: int,
+    expert_key: str | None,
+    frozen: list[StageSet],
+    progress: bool = True,
+    log_target=None,
+) -> StageOutcome:
+    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
+
+    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
+    trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
+    a method that starts from fresh random networks.
+    """
+    d = cfg.distill
+    _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
+    cond = _conditioning(cfg, expert_key)
+    init = _initial_sets(cfg, prepared, k, cond, frozen)
+    problem_path = _problem_path(directory, k)  # written by the workers if the stage goes non-finite
+    problem_path.unlink(missing_ok=True)
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
+    trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, log_target))
     stop = threading.Event()
     watcher = threading.Thread(
         target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop), daemon=True
@@ -170,7 +227,7 @@ def run_stage(
     best = state.best
     return StageOutcome(
         images=best.images.float(),
-        labels=init_y.clone(),
+        labels=init.labels.clone(),
         alpha=best.alpha,
         best_val_acc=best.acc,
         best_iteration=best.iteration,
