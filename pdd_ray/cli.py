@@ -17,8 +17,6 @@ from pathlib import Path
 from pdd_ray import __version__
 from pdd_ray.errors import PddError
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("config", nargs="?", default=None, help=config_help)
