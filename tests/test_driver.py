@@ -20,7 +20,7 @@ from conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tmp_path_factory):
+def finished(ray_session, tmp_path_factory, frozen_spy):
     """One tiny 2-stage run in which rank 0 raises once at iteration 3 of stage 1.
 
     It uses the memory-bounded "checkpoint" unroll, so the config → worker → match path of
@@ -33,18 +33,11 @@ def finished(ray_session, tmp_path_factory):
     cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint",
                                                            "distill.lr_img=0.001"])
     prepared = prepare(cfg)
-    frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
-    real_run_stage = driver.run_stage
-
-    def spy(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
-        frozen_seen[k] = [s.images.clone() for s in frozen]
-        return real_run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
-
     mp = pytest.MonkeyPatch()
     mp.setenv(FAIL_AT_ENV, "3")
-    mp.setattr(driver, "run_stage", spy)
     try:
-        result = distill(cfg, prepared, progress=False)
+        with frozen_spy() as frozen_seen:  # what the driver handed each stage as frozen
+            result = distill(cfg, prepared, progress=False)
     finally:
         mp.undo()
     result.frozen_seen = frozen_seen
