@@ -16,7 +16,10 @@ from pdd_ray.config import EvalConfig, PddConfig
 from pdd_ray.distill.driver import DistillResult, distill
 from pdd_ray.distill.identity import run_lock
 from pdd_ray.evaluation import (
+    BaselineSetup,
+    EvalPlan,
     EvalResult,
+    RunResources,
     budget_epochs,
     evaluate_full_baseline,
     evaluate_progressive,
@@ -112,13 +115,9 @@ def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult
             "PDD",
             prepared.spec.with_arch(arch),
             result.stages,
-            recipe,
+            EvalPlan(recipe, cfg.evaluation.runs, cfg.seed, cfg.evaluation.carry_optimizer_state),
             eval_sets_of(prepared.bundle),
-            cfg.evaluation.runs,
-            cfg.seed,
-            carry_optimizer_state=cfg.evaluation.carry_optimizer_state,
-            cpus_per_run=cfg.evaluation.cpus_per_run,
-            gpus_per_run=cfg.evaluation.gpus_per_run,
+            RunResources.of(cfg.evaluation),
             progress=progress,
         )
     return out
@@ -148,12 +147,11 @@ def soft_label_controls(cfg: PddConfig, prepared: Prepared, result: DistillResul
     ev = ev or cfg.evaluation
     hard = evaluate_progressive(
         "PDD hard labels", prepared.spec, [replace(s, soft_labels=None) for s in result.stages],
-        recipe_from_config(ev, cfg.augment.strategy), eval_sets_of(prepared.bundle), ev.runs, cfg.seed,
-        carry_optimizer_state=ev.carry_optimizer_state, cpus_per_run=ev.cpus_per_run,
-        gpus_per_run=ev.gpus_per_run, progress=progress,
+        EvalPlan(recipe_from_config(ev, cfg.augment.strategy), ev.runs, cfg.seed, ev.carry_optimizer_state),
+        eval_sets_of(prepared.bundle), RunResources.of(ev), progress=progress,
     )
-    rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.distill.total_ipc,
-                                   cfg.seed, progress, epochs=budget_epochs(ev, len(result.stages)),
+    setup = BaselineSetup(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.seed, progress)
+    rnd = evaluate_random_baseline(setup, cfg.distill.total_ipc, epochs=budget_epochs(ev, len(result.stages)),
                                    soft_labeller=stage1_labeller(cfg, prepared, result))
     return hard, rnd
 
@@ -206,9 +204,9 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
         cache = baseline_cache(cfg)
         with phase("baselines"):
             # equal training budget: the one-stage random subset trains as long as all P stages together
-            random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
-                                              epochs=budget_epochs(ev, cfg.distill.num_stages), cache_dir=cache)
-            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
+            setup = BaselineSetup(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
+            random = evaluate_random_baseline(setup, total_ipc, epochs=budget_epochs(ev, cfg.distill.num_stages))
+            full = evaluate_full_baseline(setup)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     hard, random_soft = soft_label_controls(cfg, prepared, result, progress) if baselines else (None, None)

@@ -184,7 +184,7 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
     jobs = transition.transition_jobs(cfg, prepared, 1, key, union)
     jobs0 = transition.transition_jobs(cfg0, prepared, 1, key, union)
     assert len(jobs) == cfg.experts.num_experts
-    assert all(torch.equal(j.pool, pool) for j in jobs) and all(j.pool is None for j in jobs0)
+    assert all(torch.equal(j.real_indices, pool) for j in jobs) and all(j.real_indices is None for j in jobs0)
     assert jobs[0].key != jobs0[0].key  # the kept subset is part of the key
     # the key follows exactly what the transition experts consume
     def tkey(c, u=union):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdd_ray.config import PddConfig, dump_config
-from pdd_ray.distill.artifact import write_artifact
+from pdd_ray.distill.artifact import DataSpace, write_artifact
 from pdd_ray.distill.health import StageHealth, stage_health
 from pdd_ray.distill.identity import run_dir, run_key, run_lock
 from pdd_ray.distill.launch import run_stage
@@ -166,10 +166,8 @@ def _write_run_artifact(cfg: PddConfig, prepared: Prepared, method: type[BaseMet
         directory / "artifact",
         run.stages,
         prepared.spec,
-        {"name": b.name, "digest": b.digest, "classes": b.class_names, "shape": list(b.shape)},
-        b.mean,
-        b.std,
-        prepared.zca,
+        DataSpace({"name": b.name, "digest": b.digest, "classes": b.class_names, "shape": list(b.shape)},
+                  b.mean, b.std, prepared.zca),
         recipe_from_config(cfg.evaluation, cfg.augment.strategy),
         cfg.evaluation.carry_optimizer_state,
         {"run_key": run_key(cfg), "expert_keys": run.keys, "config": cfg.model_dump(mode="json")},

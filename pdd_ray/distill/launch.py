@@ -37,11 +37,11 @@ FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
 def _real_ref(cfg: PddConfig, prepared: Prepared, k: int):
     """The real examples stage k's matching may draw from (after forgetting-score discarding)."""
     b = prepared.bundle
-    pool = real_indices(cfg, prepared, k)
-    if pool is None:
+    indices = real_indices(cfg, prepared, k)
+    if indices is None:
         return ray.put((b.train_x, b.train_y))
-    check_real_classes(b.train_y[pool], b.num_classes, f"stage {k}")  # one line here, not a worker traceback
-    return ray.put((b.train_x[pool], b.train_y[pool]))
+    check_real_classes(b.train_y[indices], b.num_classes, f"stage {k}")  # one line here, not a worker traceback
+    return ray.put((b.train_x[indices], b.train_y[indices]))
 
 
 def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:

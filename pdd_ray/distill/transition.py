@@ -70,8 +70,8 @@ def real_indices(cfg: PddConfig, prepared: Prepared, stage: int) -> torch.Tensor
 
 def real_examples(cfg: PddConfig, prepared: Prepared, stage: int) -> int:
     """How many real training examples stage ``stage`` uses (the size of :func:`real_indices`)."""
-    pool = real_indices(cfg, prepared, stage)
-    return int(prepared.bundle.train_x.shape[0] if pool is None else pool.shape[0])
+    indices = real_indices(cfg, prepared, stage)
+    return int(prepared.bundle.train_x.shape[0] if indices is None else indices.shape[0])
 
 
 def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | None,
@@ -93,9 +93,9 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
     warm = warmup_recipe(cfg, alpha)
     real = transition_real_recipe(cfg)
     reach = real.epochs - 1
-    pool = real_indices(cfg, prepared, k + 1) if real.epochs > 0 else None  # forgetting-score discarding
-    kept = ({"real_pool": {"fraction": d.discard_fraction, "size": int(pool.numel()), "kept": _digest(pool)}}
-            if pool is not None else {})
+    indices = real_indices(cfg, prepared, k + 1) if real.epochs > 0 else None  # forgetting-score discarding
+    kept = ({"real_pool": {"fraction": d.discard_fraction, "size": int(indices.numel()), "kept": _digest(indices)}}
+            if indices is not None else {})
     union_digest = store_key({"images": _digest(ux), "labels": _digest(uy), "alpha": alpha})
     key = store_key({**base_settings(cfg, prepared), "kind": "transition", "stage": k + 1, "prev": prev_key,
                      "union": union_digest, "warmup": asdict(warm), "recipe": asdict(real), **kept})
@@ -105,7 +105,7 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
         ExpertJob(key=key, index=j, seed=derive_seed(cfg.seed, "transition", k + 1, j), recipe=real,
                   keep_epochs=reach + 1, meta={**common, "seed": derive_seed(cfg.seed, "transition", k + 1, j),
                                                "expert_index": j},
-                  init_from=(prev_key, j) if prev_key else None, warmup=Warmup(ux, uy, warm), pool=pool)
+                  init_from=(prev_key, j) if prev_key else None, warmup=Warmup(ux, uy, warm), real_indices=indices)
         for j in prev
     ]
 
@@ -126,7 +126,7 @@ def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | N
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, f"transition {k}->{k + 1}", progress)
     if directory is not None and jobs:  # the experts' real data (MTT) or the matched real batches (DM, IDC)
-        pool = jobs[0].pool  # already selected for the experts' real epochs; else read the counts
-        n = int(pool.numel()) if pool is not None else real_examples(cfg, prepared, k + 1)
+        indices = jobs[0].real_indices  # already selected for the experts' real epochs; else read the counts
+        n = int(indices.numel()) if indices is not None else real_examples(cfg, prepared, k + 1)
         record_real_examples(directory, k + 1, n, prepared.bundle.train_x.shape[0], tracker, progress)
     return jobs[0].key

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pdd_ray.config import PddConfig
 from pdd_ray.errors import PddError
 from pdd_ray.experts.store import TrajectoryStore, store_key
-from pdd_ray.experts.trajectory import Warmup, load_start_params, record_trajectory
+from pdd_ray.experts.trajectory import RealSplits, Warmup, load_start_params, record_trajectory
 from pdd_ray.forgetting import forgetting_counts, scatter, write_counts
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec
@@ -42,7 +42,7 @@ class ExpertJob:
     meta: dict
     init_from: tuple[str, int] | None = None  # (store key, expert index): start from its row 0
     warmup: Warmup | None = None
-    pool: torch.Tensor | None = None  # indices into the real training set; None = all of it
+    real_indices: torch.Tensor | None = None  # indices into the real training set; None = all of it
 
 
 def expert_recipe(cfg: PddConfig) -> TrainRecipe:
@@ -148,14 +148,11 @@ class ExpertWorker:
             with self.store.open(*job.init_from) as reader:
                 init = load_start_params(reader.params(0))
         train_x, train_y = self.data["train_x"], self.data["train_y"]
-        if job.pool is not None:
-            train_x, train_y = train_x[job.pool], train_y[job.pool]
+        if job.real_indices is not None:
+            train_x, train_y = train_x[job.real_indices], train_y[job.real_indices]
         traj = record_trajectory(
             self.spec,
-            train_x,
-            train_y,
-            self.data["val_x"],
-            self.data["val_y"],
+            RealSplits(train_x, train_y, self.data["val_x"], self.data["val_y"]),
             job.recipe,
             job.seed,
             job.keep_epochs,
@@ -171,7 +168,7 @@ class ExpertWorker:
             "final_val_acc": traj.final_val_acc,
         }
         # counts first: a complete trajectory file then always has its counts beside it
-        counts = scatter(forgetting_counts(traj.correct), job.pool, self.data["train_x"].shape[0])
+        counts = scatter(forgetting_counts(traj.correct), job.real_indices, self.data["train_x"].shape[0])
         write_counts(self.store, job.key, job.index, counts, job.recipe.epochs)
         self.store.write(job.key, job.index, traj.params, meta, epochs=traj.epochs)
         return {"index": job.index, "final_val_acc": traj.final_val_acc, "final_train_acc": traj.final_train_acc,
@@ -256,13 +253,13 @@ def _produce_locked(store: TrajectoryStore, jobs: list[ExpertJob], prepared: Pre
         )
         for _ in range(size)
     ]
-    pool = ActorPool(actors)
+    actor_pool = ActorPool(actors)
     summaries = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="expert", disable=not progress)
     t0, present = time.perf_counter(), len(jobs) - len(todo)
     progress_log.info("%s: %d/%d present, training %d on %d actors", desc, present, len(jobs), len(todo), size)
     try:
-        for summary in pool.map_unordered(lambda a, job: a.run.remote(job), todo):
+        for summary in actor_pool.map_unordered(lambda a, job: a.run.remote(job), todo):
             summaries.append(summary)
             bar.set_postfix(val_acc=f"{summary['final_val_acc'] * 100:.1f}%")
             bar.update(1)
