@@ -1,7 +1,8 @@
 """MLflow tracking: run -> stage runs (and sweep -> trial -> stage), metrics, images, lineage.
 
 Everything goes through an explicit ``MlflowClient`` (no fluent global run stack), so the same
-code works in the driver, in a Tune trial process and in Ray Train's rank-0 worker. The
+code works in the driver and in a Tune trial process (stage workers never log: the driver
+feeds their records into a :class:`StageLogger`, see ``pdd_ray.distill.stage_progress``). The
 default store is ``sqlite:///<storage>/mlflow.db`` (MLflow 3 refuses new file stores);
 ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point at a server instead (needed on clusters).
 """
@@ -171,7 +172,7 @@ def ray_job_submission_id() -> str | None:
 
 @dataclass
 class StageLogTarget:
-    """Where and how a stage worker logs (picklable: travels in the Train loop config)."""
+    """Where and how a stage's metrics and images are logged: its run and the data's space."""
 
     uri: str
     run_id: str
@@ -182,7 +183,8 @@ class StageLogTarget:
 
 
 class StageLogger:
-    """Rank-0 logging of per-iteration metrics (batched) and the image grid at each evaluation."""
+    """A stage's per-iteration metrics (batched) and the image grid at each evaluation, logged
+    on the driver (a :class:`pdd_ray.distill.stage_progress.StageSink`)."""
 
     def __init__(self, target: StageLogTarget, flush_every: int = 20) -> None:
         self.target = target
@@ -304,6 +306,10 @@ class RunTracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{self.run_name or self.cfg.name}/stage{k}")
         self.stage_ids[k] = run.info.run_id
         return StageLogTarget(self.uri, run.info.run_id, b.mean, b.std, prepared.zca, b.num_classes)
+
+    def stage_logger(self, k: int, prepared) -> StageLogger:
+        """Stage k's child run, with the logger the driver feeds rank 0's records into."""
+        return StageLogger(self.stage_target(k, prepared))
 
     def log_stage_health(self, health) -> None:
         """Flags of a stage that kept its initialisation or diverged (``pdd_ray.distill.health``):

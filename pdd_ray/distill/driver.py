@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import DataSpace, write_artifact
+from pdd_ray.distill.callbacks import RunCallbacks
 from pdd_ray.distill.health import StageHealth, stage_health
 from pdd_ray.distill.identity import run_dir, run_key, run_lock
 from pdd_ray.distill.launch import run_stage
@@ -51,11 +52,13 @@ class DistillResult:
     health: list[StageHealth] = field(default_factory=list)  # per stage: kept the initialisation? diverged?
 
 
-def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None, tracker=None) -> DistillResult:
+def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=None,
+            tracker: RunCallbacks | None = None) -> DistillResult:
     """Run (or resume) every stage of ``cfg`` and write the artifact, holding :func:`run_lock`.
 
-    ``on_stage(k, outcome)`` runs after each stage (a Tune trial reports there); ``tracker`` (a
-    :class:`pdd_ray.tracking.RunTracker`) gets a child run per stage.
+    ``on_stage(k, outcome)`` runs after each stage (a Tune trial reports there); ``tracker``
+    (:class:`pdd_ray.distill.callbacks.RunCallbacks`, e.g. :class:`pdd_ray.tracking.RunTracker`)
+    is told what happens, in order; None tracks nothing.
     """
     with run_lock(cfg):
         return _distill(cfg, prepared, progress, on_stage, tracker)
@@ -78,7 +81,7 @@ def _first_conditioning(cfg: PddConfig, prepared: Prepared, progress: bool, trac
 
 
 def _stage_outcome(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None,
-                   stored: list[StageSet], progress: bool, target) -> tuple[StageOutcome, bool]:
+                   stored: list[StageSet], progress: bool, sink) -> tuple[StageOutcome, bool]:
     """Stage k's outcome: read from its record when it finished earlier, else distilled now and
     recorded. Returns it with whether it came from the record."""
     out = load_stage(directory, k)
@@ -87,7 +90,7 @@ def _stage_outcome(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, 
                           directory / f"stage_{k}")
         return out, True
     with phase(f"stage {k}/{cfg.distill.num_stages}"):
-        out = run_stage(cfg, prepared, directory, k, key, stored, progress, log_target=target)
+        out = run_stage(cfg, prepared, directory, k, key, stored, progress, sink=sink)
     save_stage(directory, k, out)
     return out, False
 
@@ -133,10 +136,10 @@ def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key:
                progress: bool, tracker) -> StageOutcome:
     """Stage k's outcome with its time, health check and tracking."""
     t0 = time.perf_counter()
-    target = tracker.stage_target(k, prepared) if tracker is not None else None
+    sink = tracker.stage_logger(k, prepared) if tracker is not None else None
     if tracker is not None and key is not None:
         tracker.log_experts(key, k)
-    out, from_record = _stage_outcome(cfg, prepared, directory, k, key, run.stored, progress, target)
+    out, from_record = _stage_outcome(cfg, prepared, directory, k, key, run.stored, progress, sink)
     run.seconds[f"stage_{k}"] = time.perf_counter() - t0
     run.health.append(stage_health(k, out.best_iteration, out.best_val_acc, out.val_history,
                                    prepared.bundle.num_classes, cfg.distill.iterations))

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from pdd_ray.config import PddConfig
+from pdd_ray.distill.callbacks import StageSink
 from pdd_ray.distill.identity import selection_recipe
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.methods.base import check_real_classes
@@ -110,7 +111,7 @@ def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: _Conditionin
 
 
 def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: _Conditioning,
-                init: _InitialSets, board, log_target) -> StageTask:
+                init: _InitialSets, board, record: bool) -> StageTask:
     """Everything stage k's workers need, sent once through ``train_loop_config``."""
     d, b = cfg.distill, prepared.bundle
     method = method_class(d.method)
@@ -145,7 +146,7 @@ def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, con
         fail_at=int(fail_at) if fail_at and k == 1 else None,
         fail_marker=str(directory / "injected_failure.marker"),
         progress=board,
-        log_target=log_target,
+        record=record,
         deterministic=d.deterministic,
         image_limit=float(b.train_x.abs().max()),
         problem_path=str(_problem_path(directory, k)),
@@ -190,13 +191,14 @@ def run_stage(
     expert_key: str | None,
     frozen: list[StageSet],
     progress: bool = True,
-    log_target=None,
+    sink: StageSink | None = None,
 ) -> StageOutcome:
     """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
 
     ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
     trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
-    a method that starts from fresh random networks.
+    a method that starts from fresh random networks. ``sink`` (the tracker's stage logger)
+    gets rank 0's per-iteration metrics and image grids, on this process.
     """
     d = cfg.distill
     _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
@@ -205,17 +207,17 @@ def run_stage(
     problem_path = _problem_path(directory, k)  # written by the workers if the stage goes non-finite
     problem_path.unlink(missing_ok=True)
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
-    trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, log_target))
+    trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None))
     stop = threading.Event()
     watcher = threading.Thread(
-        target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop), daemon=True
+        target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop, sink), daemon=True
     )
     watcher.start()
     try:
         result = _fit_off_main_thread(trainer)
     finally:
         stop.set()
-        watcher.join(timeout=10)
+        watcher.join(timeout=10 if sink is None else 120)  # the last records are logged before the stage ends
         ray.kill(board)
     if problem_path.is_file():  # the workers stopped at a NaN/inf: no stage record, no artifact, one line
         problem = problem_path.read_text().strip()

@@ -71,7 +71,7 @@ class StageTask:
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
-    log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
+    record: bool = False  # rank 0 records its metrics and images on ``progress`` for the driver's tracker
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
     image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
     problem_path: str | None = None  # rank 0 writes a non-finite/diverged stop's one-line reason here
@@ -382,32 +382,53 @@ def _maybe_inject_failure(task: StageTask, it: int, rank: int) -> None:
             raise RuntimeError(f"injected failure at iteration {it}")
 
 
-def _stop(task: StageTask, rank: int, it: int, problem: str, logger) -> None:
+def _stop(task: StageTask, rank: int, it: int, problem: str, recorder: _Recorder | None) -> None:
     """Stop the stage without a checkpoint (the latest one is the last finite state)."""
-    if logger is not None:
-        logger.flush()
+    if recorder is not None:
+        recorder.flush()
     if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
         write_text_atomic(Path(task.problem_path), problem)  # metrics reported without checkpoints)
     ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
 
 
-def _report(run: StageRun, logger, iteration: int, metrics: dict, done: bool = False) -> None:
+def _report(run: StageRun, recorder: _Recorder | None, iteration: int, metrics: dict, done: bool = False) -> None:
     """Report ``metrics``; rank 0 with the state as a checkpoint, the others without."""
     if run.rank == 0:
-        if logger is not None:
-            logger.flush()
+        if recorder is not None:
+            recorder.flush()
         run.state(iteration, done=done).report(metrics)
     else:
         ray.train.report(metrics, checkpoint=None)
 
 
-def _stage_logger(task: StageTask, rank: int):
-    """Rank 0's MLflow logger for the stage, or None."""
-    if rank != 0 or task.log_target is None:
-        return None
-    from pdd_ray.tracking import StageLogger
+class _Recorder:
+    """Rank 0's metrics and images, recorded on the progress actor for the driver to log.
 
-    return StageLogger(task.log_target)
+    Calls from one worker to one actor run in order, so waiting for the last one
+    (:meth:`flush`, before every report) means every earlier record has arrived.
+    """
+
+    def __init__(self, board) -> None:
+        self.board = board
+        self.last = None
+
+    def metrics(self, step: int, **values: float) -> None:
+        self.last = self.board.record.remote("metrics", step, values)
+
+    def images(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.last = self.board.record.remote("images", step, (images, labels))
+
+    def flush(self) -> None:
+        if self.last is not None:
+            ray.get(self.last)
+            self.last = None
+
+
+def _stage_recorder(task: StageTask, rank: int) -> _Recorder | None:
+    """Rank 0's recorder when the run is tracked, else None."""
+    if rank != 0 or not task.record or task.progress is None:
+        return None
+    return _Recorder(task.progress)
 
 
 def stage_worker(config: dict) -> None:
@@ -423,7 +444,7 @@ def stage_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         run.restore(StageState.load(checkpoint))
-    logger = _stage_logger(task, rank)
+    recorder = _stage_recorder(task, rank)
     val_acc = run.val_history[-1][1] if run.val_history else float("nan")
     evaluated = {i for i, _ in run.val_history}  # a finished stage's final checkpoint already holds its last row
     for it in range(run.start, task.iterations + 1):
@@ -431,26 +452,26 @@ def stage_worker(config: dict) -> None:
             val_acc = run.validate(it)
             if task.progress is not None:
                 task.progress.update.remote(val_acc=val_acc)
-            if logger is not None:
-                logger.metrics(it, val_acc=val_acc)
-                logger.images(it, run.images.detach().cpu(), task.new_labels)
+            if recorder is not None:
+                recorder.metrics(it, val_acc=val_acc)
+                recorder.images(it, run.images.detach().cpu().clone(), task.new_labels)
         if it == task.iterations:
             break
         _maybe_inject_failure(task, it, rank)
         problem, loss_t, grad_x = run.step(it)
         if problem is not None:
-            _stop(task, rank, it, problem, logger)
+            _stop(task, rank, it, problem, recorder)
             return
         run.losses.append(float(loss_t))
         if rank == 0 and task.progress is not None:
             task.progress.update.remote(iteration=it + 1, loss=run.losses[-1], alpha=run.alpha_now())
-        if logger is not None:
-            logger.metrics(it + 1, loss=run.losses[-1], alpha=run.alpha_now(), grad_norm=float(grad_x.norm()))
+        if recorder is not None:
+            recorder.metrics(it + 1, loss=run.losses[-1], alpha=run.alpha_now(), grad_norm=float(grad_x.norm()))
         done_it = it + 1
         if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
-            _report(run, logger, done_it, {"iteration": done_it, "loss": run.losses[-1], "alpha": run.alpha_now(),
+            _report(run, recorder, done_it, {"iteration": done_it, "loss": run.losses[-1], "alpha": run.alpha_now(),
                                            "grad_norm": float(grad_x.norm()), "val_acc": val_acc,
                                            "best_val_acc": run.best.acc})
     final = {"iteration": task.iterations, "loss": run.losses[-1] if run.losses else float("nan"),
              "alpha": run.alpha_now(), "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": run.best.acc}
-    _report(run, logger, task.iterations, final, done=True)
+    _report(run, recorder, task.iterations, final, done=True)
