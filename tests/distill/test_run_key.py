@@ -141,7 +141,7 @@ def test_every_config_field_is_classified():
     leaves |= {s for s, sec in d.items() if not isinstance(sec, dict)}
     leaves = {f for f in leaves if f.split(".")[0] not in ("dm", "idc", "datm")}  # see test_method_sections_...
     missing = leaves - set(CONSUMED) - set(NOT_CONSUMED) - UNTESTED
-    assert not missing, f"classify these settings in tests/test_run_key.py: {sorted(missing)}"
+    assert not missing, f"classify these settings in tests/distill/test_run_key.py: {sorted(missing)}"
 
 
 def test_run_dir_follows_the_key(tmp_path):

@@ -25,7 +25,7 @@ def finished(ray_session, tmp_path_factory, frozen_spy):
 
     It uses the memory-bounded "checkpoint" unroll, so the config → worker → match path of
     that mode (including its resume after the injected failure) runs end to end here; its
-    gradient equals the full unroll's (tests/test_unroll.py).
+    gradient equals the full unroll's (tests/distill/test_unroll.py).
     """
     out = tmp_path_factory.mktemp("driver")
     # lr_img 0.001: with lr_lr = 1 and these 4-epoch experts, the preset's lr_img = 100 drives the
