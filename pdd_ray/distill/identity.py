@@ -2,7 +2,7 @@
 
 Every setting that reaches a stage worker, a conditioning pool or a transition is built here by
 the same function that hands it to its consumer, so the run key (``runs/<name>-<key>``)
-changes exactly when a consumed setting does (``tests/test_run_key.py``).
+changes exactly when a consumed setting does (``tests/distill/test_run_key.py``).
 """
 
 from __future__ import annotations

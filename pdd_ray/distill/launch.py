@@ -31,7 +31,7 @@ from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.prepare import Prepared
 from pdd_ray.seeding import derive_seed
 
-#: Test hook: rank 0 of the first stage raises once at this iteration (see tests/test_driver.py).
+#: Test hook: rank 0 of the first stage raises once at this iteration (see tests/distill/test_driver.py).
 FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
 
 
