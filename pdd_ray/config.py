@@ -131,6 +131,14 @@ class DistillConfig(_Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
+    # a Train worker's share of one GPU (with use_gpu): 0.5 puts two workers on each device,
+    # which keeps a GPU busy when one small stage's unroll cannot
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    # process-group timeout of the stage's collectives (torch.distributed, seconds). It must
+    # outlast the longest time one rank spends away from them: a validation round at CIFAR or
+    # Tiny ImageNet size takes tens of minutes, and torch's 30-minute default would restart the
+    # workers mid-stage and repeat that round until max_failures ends the run
+    collective_timeout_s: int = Field(7200, ge=60)
     max_failures: int = Field(2, ge=0)
     transition_syn_epochs: int = Field(300, ge=0)
     transition_experts: int | None = Field(None, ge=1)
@@ -272,6 +280,8 @@ class PddConfig(_Section):
                 f"exceeds experts.epochs = {self.experts.epochs}; matching targets must lie inside the "
                 "recorded trajectories"
             )
+        if d.gpus_per_worker != 1.0 and not d.use_gpu:
+            raise ValueError(f"distill.gpus_per_worker = {d.gpus_per_worker} needs distill.use_gpu: true")
         if self.experts.gpus > 0 and not d.use_gpu:
             raise ValueError(f"experts.gpus = {self.experts.gpus} needs distill.use_gpu: true")
         if d.method == "idc" and size is not None and size % self.idc.factor:

@@ -165,15 +165,15 @@ def _problem_path(directory: Path, k: int) -> Path:
 def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
     """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distill
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     return TorchTrainer(
         stage_worker,
         train_loop_config={"task": task},
-        scaling_config=ScalingConfig(
-            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
-        ),
+        torch_config=TorchConfig(timeout_s=d.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"stage_{k}",
             storage_path=str(directory / "train"),

@@ -71,6 +71,7 @@ NOT_CONSUMED = {
     "experts.storage": "experts.storage=/tmp/h15-experts",
     "distill.checkpoint_every": "distill.checkpoint_every=7",
     "distill.max_failures": "distill.max_failures=5",
+    "distill.collective_timeout_s": "distill.collective_timeout_s=600",
     "distill.discard_from_stage": "distill.discard_from_stage=3",  # not read while discard_fraction = 0
     "distill.discard_min_per_class": "distill.discard_min_per_class=5",  # ditto
     "evaluation.runs": "evaluation.runs=3",
@@ -93,6 +94,7 @@ NOT_CONSUMED = {
 
 #: Settings deliberately not perturbed here (changing them needs other data or hardware).
 UNTESTED = {"data.dataset", "data.root", "data.image_size", "model.arch", "model.depth", "distill.method", "distill.use_gpu",
+            "distill.gpus_per_worker",
             "experts.gpus", "evaluation.gpus_per_run"}
 
 
