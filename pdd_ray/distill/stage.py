@@ -441,6 +441,14 @@ def stage_worker(config: dict) -> None:
     task: StageTask = config["task"]
     rank = ray.train.get_context().get_world_rank()
     run = StageRun(task, rank, _setup_worker(task, rank))
+    try:
+        _stage_loop(task, rank, run)
+    finally:
+        run.method.close()  # the conditioning networks' open store files (up to one per expert)
+
+
+def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
+    """:func:`stage_worker`'s loop, from the restore to the final report."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         run.restore(StageState.load(checkpoint))

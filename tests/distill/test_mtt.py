@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
+from pdd_ray.errors import PddError
 from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, minibatch_schedule, unroll_loss
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
@@ -130,3 +132,28 @@ def test_average_of_two_samples_is_mean_of_gradients(tmp_path):
         assert got["x"].shape == a.grad_images.shape
         torch.testing.assert_close(got["x"], (a.grad_images + b.grad_images) / 2, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(got["a"][0], (a.grad_alpha + b.grad_alpha) / 2, rtol=1e-5, atol=1e-10)
+
+
+def test_conditioned_pool_closes_the_files_it_opened(tmp_path):
+    """A stage worker reads up to one store file per expert; closing the method must close them
+    all (on a long-lived Ray worker they would stay open as memory maps or remote handles)."""
+    import numpy as np
+
+
+    from pdd_ray.distill.methods.base import ConditionedPool
+    from pdd_ray.experts.store import TrajectoryStore
+
+    store = TrajectoryStore(str(tmp_path))
+    for j in range(3):
+        store.write("k", j, np.full((2, 4), j, dtype=np.float32), {"seed": j})
+    pool = ConditionedPool(str(tmp_path), "k", [0, 1, 2])
+    assert float(pool.params(1, 1, torch.device("cpu"))[0]) == 1.0
+    assert float(pool.params(2, 0, torch.device("cpu"))[0]) == 2.0
+    opened = list(pool._readers.values())
+    assert len(opened) == 2
+    pool.close()
+    for reader in opened:
+        with pytest.raises(PddError, match="is closed"):
+            reader.params(0)
+    assert float(pool.params(1, 0, torch.device("cpu"))[0]) == 1.0  # reopened on demand after a close
+    pool.close()

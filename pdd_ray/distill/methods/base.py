@@ -60,6 +60,14 @@ class ConditionedPool:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def close(self) -> None:
+        """Close the members' store files: a worker opens up to one per expert, and on a
+        long-lived Ray worker process they would otherwise stay open (memory maps, or remote
+        file handles with ``s3://``) after the stage."""
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            reader.close()
+
     def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
         """Flat parameters of pool member ``index`` after ``epoch`` recorded epochs."""
         if self.store is None:
@@ -151,6 +159,11 @@ class BaseMethod(ABC):
 
     def project(self, images: torch.Tensor) -> None:
         """In-place constraint applied after every image step (IDC clamps to the pixel range)."""
+
+    def close(self) -> None:
+        """Release what the method holds open (the conditioning pool's files); the stage
+        worker calls it when the stage ends, however it ends."""
+        self.pool.close()
 
     def validation_init(self, run: int) -> torch.Tensor | None:
         """Starting weights of in-loop validation run ``run``: a conditioned pool member, so
