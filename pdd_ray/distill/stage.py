@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -112,17 +112,39 @@ def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def shared_mean(runs: int, score: Callable[[int], float], device: torch.device) -> float:
+    """Mean of ``score(r)`` for r < ``runs``, the runs dealt out over the workers.
+
+    Why: validation trains ``eval_runs`` networks to the end, which at CIFAR or Tiny ImageNet
+    size takes minutes to tens of minutes. Done on rank 0 alone it idles every other rank in
+    the next all-reduce (and can outlast the process-group timeout). Rank i scores the runs
+    r ≡ i (mod world); one all-reduce of the per-run vector (each entry filled by exactly one
+    rank, zeros elsewhere) gives every rank all the scores, so they all select alike. Each
+    run's seed and start depend on r only, so the mean equals a single worker's, bit for bit.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    scores = torch.zeros(runs, dtype=torch.float64, device=device)  # on the group's device (nccl: CUDA)
+    for r in range(rank, runs, world):
+        scores[r] = score(r)
+    if distributed:
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
+    values = scores.tolist()
+    return float(sum(values) / len(values))
+
+
 def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, method: BaseMethod,
              union_soft: torch.Tensor | None = None) -> float:
-    """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α.
+    """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α,
+    shared out over the stage's workers (:func:`shared_mean`); every worker calls it.
 
     Networks start from the method's conditioned pool (random inits at stage 1, models already
     trained on S_<k later), so the in-loop check is itself progressive.
     """
     val_x, val_y = ray.get(task.val_ref)
     train_x, train_y = method.decode(task.params, union_x, union_y)
-    accs = []
-    for r in range(task.eval_runs):
+
+    def run(r: int) -> float:
         scores = progressive_run(
             task.spec,
             [StageSet(train_x, train_y, lr=alpha, soft_labels=union_soft)],
@@ -132,8 +154,9 @@ def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alph
             use_gpu=task.use_gpu,
             init_params=method.validation_init(r),
         )
-        accs.append(scores["val"][-1])
-    return float(sum(accs) / len(accs))
+        return scores["val"][-1]
+
+    return shared_mean(task.eval_runs, run, method.device)
 
 
 #: Where each base method's image learning rate is set (for the non-finite error's hint).
@@ -434,8 +457,8 @@ def _stage_recorder(task: StageTask, rank: int) -> _Recorder | None:
 def stage_worker(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` for one stage.
 
-    Restore from the latest checkpoint; then per iteration: validate (rank 0, every
-    ``eval_every`` and at the end), step on the all-reduced gradient, report, and checkpoint
+    Restore from the latest checkpoint; then per iteration: validate (every ``eval_every`` and
+    at the end, the networks shared out over the ranks), step on the all-reduced gradient, report, and checkpoint
     every ``checkpoint_every``. A non-finite value stops every worker without a checkpoint.
     """
     task: StageTask = config["task"]
@@ -456,9 +479,9 @@ def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
     val_acc = run.val_history[-1][1] if run.val_history else float("nan")
     evaluated = {i for i, _ in run.val_history}  # a finished stage's final checkpoint already holds its last row
     for it in range(run.start, task.iterations + 1):
-        if rank == 0 and (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
-            val_acc = run.validate(it)
-            if task.progress is not None:
+        if (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
+            val_acc = run.validate(it)  # every rank trains its share of the validation networks
+            if rank == 0 and task.progress is not None:
                 task.progress.update.remote(val_acc=val_acc)
             if recorder is not None:
                 recorder.metrics(it, val_acc=val_acc)
