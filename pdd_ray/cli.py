@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
         enable_lines()
+    ray_was_up = _ray_initialized()
     try:
         return args.handler(args)
     except PddError as err:
@@ -305,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         disable_lines()
+        if not ray_was_up:  # the command started (or joined) Ray: end it here, not in atexit
+            from pdd_ray.runtime import shutdown_ray
+
+            shutdown_ray()
+
+
+def _ray_initialized() -> bool:
+    """Whether Ray is up in this process already (a caller's, e.g. a notebook or a test
+    session, which the command must leave running); Ray is not imported just to ask."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 #: Errors of the machine rather than of pdd_ray (a folder that cannot be created, a full or

@@ -221,16 +221,22 @@ def evaluate_progressive(
     desc = f"evaluate {name} [{spec.arch}]"
     bar = tqdm(total=runs, desc=desc, unit="run", disable=not progress, leave=False)
     t0 = time.perf_counter()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            res = ray.get(ref)
-            results[order[ref]] = res
-            bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
-            bar.update(1)
-            left = time_left(len(results), runs, time.perf_counter() - t0)
-            progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
-    bar.close()
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                res = ray.get(ref)
+                results[order[ref]] = res
+                bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
+                bar.update(1)
+                left = time_left(len(results), runs, time.perf_counter() - t0)
+                progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
+    except BaseException:  # a failed run or Ctrl-C: the other runs' results would go unread
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    finally:
+        bar.close()
     splits = list(eval_sets)
     scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in splits}
     return EvalResult(name=name, arch=spec.arch, scores=scores)

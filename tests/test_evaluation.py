@@ -136,3 +136,23 @@ def test_equal_training_budget_helpers(digits, monkeypatch):
     evaluation.evaluate_random_baseline(setup, 2, epochs=evaluation.budget_epochs(ev, 3))
     evaluation.evaluate_random_baseline(setup, 2)
     assert [s[0].epochs or ev.epochs_per_stage for s in seen] == [180, 60]
+
+
+def test_a_failed_run_cancels_the_runs_still_pending(ray_session, digits, monkeypatch):
+    """One run failing (or Ctrl-C) must not leave the other runs training on the cluster."""
+    import ray
+
+    cfg, p = digits
+    cancelled: list[object] = []
+    real_cancel = ray.cancel
+
+    def failing_get(ref, *a, **k):
+        raise RuntimeError("run failed")
+
+    monkeypatch.setattr(ray, "get", failing_get)
+    monkeypatch.setattr(ray, "cancel", lambda ref, **k: cancelled.append(ref) or real_cancel(ref, **k))
+    stages = [StageSet(*random_subset(p.bundle, 1, 0), lr=0.01)]
+    plan = EvalPlan(TrainRecipe(epochs=3, lr=0.01), runs=3, seed=0)
+    with pytest.raises(RuntimeError, match="run failed"):
+        evaluate_progressive("x", p.spec, stages, plan, eval_sets_of(p.bundle), progress=False)
+    assert len(cancelled) == 2  # the first run to finish failed; the two others were cancelled
