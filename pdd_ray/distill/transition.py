@@ -101,11 +101,12 @@ def transition_jobs(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | 
                      "union": union_digest, "warmup": asdict(warm), "recipe": asdict(real), **kept})
     common = {**base_settings(cfg, prepared), **model_meta(prepared.spec), "optimizer": asdict(real), "stage": k + 1,
               "warmup": asdict(warm), "prev_key": prev_key, **kept}
+    warmup = Warmup(ux, uy, warm)  # one object for every job: produce() puts it in the object store once
     return [
         ExpertJob(key=key, index=j, seed=derive_seed(cfg.seed, "transition", k + 1, j), recipe=real,
                   keep_epochs=reach + 1, meta={**common, "seed": derive_seed(cfg.seed, "transition", k + 1, j),
                                                "expert_index": j},
-                  init_from=(prev_key, j) if prev_key else None, warmup=Warmup(ux, uy, warm), real_indices=indices)
+                  init_from=(prev_key, j) if prev_key else None, warmup=warmup, real_indices=indices)
         for j in prev
     ]
 

@@ -100,18 +100,22 @@ def test_transition_key_follows_its_inputs(transition):
 def test_the_union_goes_through_the_object_store_once_per_transition(transition, monkeypatch):
     """Every job of a transition warms up on the same union; at Tiny ImageNet IPC 50 that is
     ~393 MB, so it must be put once and shared by reference, not serialised into each of 100
-    jobs (issue 12). Two jobs here: the union is put exactly once and both experts are stored."""
+    jobs (issue 12). A fresh union (a new transition key, so both jobs run): it is put exactly
+    once and both experts are stored."""
     import ray
 
     from pdd_ray.experts.trajectory import Warmup
 
     cfg, prepared, key, union, jobs, store = transition
+    other = [StageSet(*random_subset(prepared.bundle, 1, 456), lr=ALPHA_K)]
+    fresh = transition_jobs(cfg, prepared, 1, key, other)
+    assert len(fresh) == 2 and fresh[0].key != jobs[0].key
     put: list[object] = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value, **kw: put.append(value) or real_put(value, **kw))
-    produce(store, jobs[1:3], prepared, progress=False)
+    produce(store, fresh, prepared, progress=False)
     assert sum(isinstance(v, Warmup) for v in put) == 1
     d = cfg.distill
-    for job in jobs[1:3]:
+    for job in fresh:
         with store.open(job.key, job.index) as r:
             assert r.epochs == list(range(d.max_start_epoch + d.expert_epochs + 2))
