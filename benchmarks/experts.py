@@ -9,7 +9,7 @@ writes into a fresh temporary store, so nothing is reused between them.
 
 Optionally (on by default, ``--no-transition`` to skip) it also times a PDD transition
 (stage 1 -> 2) on the same pool: the transition jobs come from
-``pdd_ray.distill.driver.transition_jobs`` with the freshly produced stage-1 experts and a
+``pdd_ray.distill.transition.transition_jobs`` with the freshly produced stage-1 experts and a
 random real union of ``distill.ipc_per_stage`` images per class (α = ``distill.lr_init``),
 so the parallel-vs-serial comparison covers the step PDD adds over MTT.
 
@@ -41,7 +41,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from pdd_ray.config import load_config  # noqa: E402
-from pdd_ray.distill.driver import transition_jobs  # noqa: E402
+from pdd_ray.distill.transition import transition_jobs  # noqa: E402
 from pdd_ray.evaluation import StageSet, random_subset  # noqa: E402
 from pdd_ray.experts.produce import produce, stage1_jobs  # noqa: E402
 from pdd_ray.experts.store import TrajectoryStore  # noqa: E402

@@ -56,8 +56,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from pdd_ray.config import PddConfig, load_config  # noqa: E402
-from pdd_ray.distill.driver import distill, run_dir  # noqa: E402
+from pdd_ray.distill.driver import distill  # noqa: E402
+from pdd_ray.distill.identity import run_dir  # noqa: E402
 from pdd_ray.evaluation import (  # noqa: E402
+    BaselineSetup,
     EvalResult,
     epochs_per_stage_for,
     evaluate_full_baseline,
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_full:
             t0 = time.perf_counter()
-            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, args.seed, progress=False)
+            full = evaluate_full_baseline(BaselineSetup(prepared.bundle, prepared.spec, ev, aug, args.seed, False))
             result["full"] = {**acc(full), "seconds": time.perf_counter() - t0, "epochs": ev.full_epochs}
             print(f"full data: {fmt(result['full']['final_test_mean'], result['full']['final_test_std'])} "
                   f"({result['full']['seconds']:.0f} s)", flush=True)
@@ -286,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             result["settings"].append(block)
             if not args.no_random:
                 t0 = time.perf_counter()
-                rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, t, args.seed, progress=False,
-                                               epochs=args.eval_epochs)
+                rnd = evaluate_random_baseline(BaselineSetup(prepared.bundle, prepared.spec, ev, aug, args.seed, False),
+                                               t, epochs=args.eval_epochs)
                 block["random"] = {**acc(rnd), "seconds": time.perf_counter() - t0, "epochs": args.eval_epochs}
                 print(f"[ipc {t}] random subset: "
                       f"{fmt(block['random']['final_test_mean'], block['random']['final_test_std'])}"

@@ -96,7 +96,7 @@ def _measure(setting: Setting, repeats: int, budget_s: float, threads: int | Non
     """Runs inside the spawned child: build, warm up, time ``match`` and read the peak memory."""
     from pdd_ray.augment import DiffAugment
     from pdd_ray.device import pick_device
-    from pdd_ray.distill.match import match
+    from pdd_ray.distill.match import MatchProblem, UnrollSpec, match
     from pdd_ray.models import FlatModel
     from pdd_ray.modelspec import ModelSpec, build_seeded
     from pdd_ray.seeding import generator
@@ -120,8 +120,7 @@ def _measure(setting: Setting, repeats: int, budget_s: float, threads: int | Non
     def once(steps: int, seed: int) -> tuple[float, float, float]:
         """Wall seconds, CPU seconds of this process (robust to other load), loss."""
         t0, c0 = time.perf_counter(), time.process_time()
-        res = match(fm, start, target, no_x, no_y, new_x, new_y, alpha, steps, setting.images, dsa,
-                    generator(seed), unroll=setting.unroll)
+        res = match(MatchProblem(fm, start, target, no_x, no_y, new_x, new_y), alpha, UnrollSpec(steps, setting.images, dsa, setting.unroll), generator(seed))
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0, time.process_time() - c0, res.loss

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.errors import PddError
+from pdd_ray.names import DSA_FAMILIES
 
-FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+FAMILIES: tuple[str, ...] = DSA_FAMILIES
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 MODES: tuple[str, ...] = ("single", "all")
 

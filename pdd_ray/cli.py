@@ -17,8 +17,6 @@ from pathlib import Path
 from pdd_ray import __version__
 from pdd_ray.errors import PddError
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("config", nargs="?", default=None, help=config_help)
@@ -59,7 +57,7 @@ def _collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pdd_ray.config import load_config
-    from pdd_ray.evaluation import evaluate_full_baseline, evaluate_random_baseline, format_table
+    from pdd_ray.evaluation import BaselineSetup, evaluate_full_baseline, evaluate_random_baseline, format_table
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray
 
@@ -84,13 +82,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = prepare(cfg)
     ensure_ray()
     progress = not args.no_progress
+    setup = BaselineSetup(prepared.bundle, prepared.spec, cfg.evaluation, cfg.augment.strategy, cfg.seed, progress)
     if args.baseline == "random":
-        res = evaluate_random_baseline(
-            prepared.bundle, prepared.spec, cfg.evaluation, cfg.augment.strategy, args.ipc, cfg.seed, progress
-        )
+        res = evaluate_random_baseline(setup, args.ipc)
         detail = f"ipc {args.ipc}, {cfg.evaluation.runs} runs"
     else:
-        res = evaluate_full_baseline(prepared.bundle, prepared.spec, cfg.evaluation, cfg.augment.strategy, cfg.seed, progress)
+        res = evaluate_full_baseline(setup)
         detail = f"{cfg.evaluation.full_epochs} epochs, {cfg.evaluation.runs} runs"
     mean, std = res.final
     vmean, vstd = float(res.mean("val")[-1] * 100), float(res.std("val")[-1] * 100)
@@ -118,18 +115,14 @@ def cmd_experts(args: argparse.Namespace) -> int:
     ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
+    from pdd_ray.tracking import RunTracker, closed_on_error
+
     tracker = None
     if cfg.tracking.enabled:
-        from pdd_ray.tracking import RunTracker
-
         tracker = RunTracker(cfg, run_name=f"{cfg.name}/experts", extra_tags={"pdd.kind": "experts"})
         tracker.log_dataset(prepared.bundle)
-    try:
+    with closed_on_error(tracker):
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
-    except BaseException as err:
-        if tracker is not None:
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
     if tracker is not None:
         tracker.log_expert_summaries(key, summaries)
         tracker.finish()
@@ -174,15 +167,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdd-ray",
-        description="Progressive Dataset Distillation (PDD) on Ray: distill a dataset into a few "
-        "synthetic images per class, stage by stage.",
-    )
-    parser.add_argument("--version", action="version", version=f"pdd_ray {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _evaluate_parser(sub) -> None:
+    """The ``pdd-ray evaluate`` subcommand."""
     p = sub.add_parser(
         "evaluate",
         help="evaluate a distilled artifact, or a random-subset / full-data baseline",
@@ -201,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=cmd_evaluate)
 
+
+def _experts_parser(sub) -> None:
+    """The ``pdd-ray experts`` subcommand."""
     p = sub.add_parser(
         "experts",
         help="train the expert trajectories of a config (parallel, resumable)",
@@ -210,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "preset name (e.g. digits, cifar10_ipc10) or YAML file; default: digits")
     p.set_defaults(handler=cmd_experts)
 
+
+def _run_parser(sub) -> None:
+    """The ``pdd-ray run`` subcommand."""
     p = sub.add_parser(
         "run",
         help="distill a dataset with PDD and print the accuracy table (default: digits)",
@@ -222,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the random-subset and full-data rows (same as evaluation.baselines=false)")
     p.set_defaults(handler=cmd_run)
 
+
+def _sweep_parser(sub) -> None:
+    """The ``pdd-ray sweep`` subcommand."""
     p = sub.add_parser(
         "sweep",
         help="Ray Tune sweep over stage counts x images per class (default: configs/sweep_digits.yaml)",
@@ -234,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="quieter Tune output")
     p.set_defaults(handler=cmd_sweep)
 
+
+def _ui_parser(sub) -> None:
+    """The ``pdd-ray ui`` subcommand."""
     p = sub.add_parser(
         "ui",
         help="browse a run's results in the MLflow UI (127.0.0.1)",
@@ -245,7 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="pdd_ray", help="experiment to open")
     p.set_defaults(handler=cmd_ui)
 
-    for register in _EXTRA_COMMANDS:
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdd-ray",
+        description="Progressive Dataset Distillation (PDD) on Ray: distill a dataset into a few "
+        "synthetic images per class, stage by stage.",
+    )
+    parser.add_argument("--version", action="version", version=f"pdd_ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for register in (_evaluate_parser, _experts_parser, _run_parser, _sweep_parser, _ui_parser, *_EXTRA_COMMANDS):
         register(sub)
     for name, p in sub.choices.items():  # the README promises --no-progress on every command
         try:
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "no_progress", False):  # no bars: plain progress lines instead (job logs, scripts)
         enable_lines()
+    ray_was_up = _ray_initialized()
     try:
         return args.handler(args)
     except PddError as err:
@@ -297,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         disable_lines()
+        if not ray_was_up:  # the command started (or joined) Ray: end it here, not in atexit
+            from pdd_ray.runtime import shutdown_ray
+
+            shutdown_ray()
+
+
+def _ray_initialized() -> bool:
+    """Whether Ray is up in this process already (a caller's, e.g. a notebook or a test
+    session, which the command must leave running); Ray is not imported just to ask."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 #: Errors of the machine rather than of pdd_ray (a folder that cannot be created, a full or

@@ -14,7 +14,6 @@ refused before anything is loaded).
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,18 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdd_ray.errors import PddError
-
-#: Image side length each built-in dataset serves (``imagefolder`` depends on the data).
-DATASET_IMAGE_SIZES: dict[str, int | None] = {
-    "digits": 8,
-    "mnist": 28,
-    "fashion_mnist": 28,
-    "svhn": 32,
-    "cifar10": 32,
-    "cifar100": 32,
-    "tiny_imagenet": 64,
-    "imagefolder": None,
-}
+from pdd_ray.names import (ARCHS, DATASET_IMAGE_SIZES, DSA_FAMILIES, METHODS, MIN_IMAGE_SIZE, NORMS, POOLINGS,
+                           UNROLLS, max_convnet_depth)
 
 #: Where the presets live: ``<repo>/configs`` (the package is installed editable, or run from
 #: a Ray job's uploaded working directory, so the folder sits beside the package).
@@ -77,11 +66,11 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network distilled for (ConvNet) or evaluated across (the others)."""
 
-    arch: Literal["convnet", "resnet18", "vgg11", "alexnet"] = "convnet"
+    arch: Literal[ARCHS] = "convnet"
     width: int = Field(128, gt=0, le=4096)
     depth: int | None = Field(None, ge=1, le=8)
-    norm: Literal["instance", "batch", "none"] = "instance"
-    pooling: Literal["avg", "max"] = "avg"
+    norm: Literal[NORMS] = "instance"
+    pooling: Literal[POOLINGS] = "avg"
 
 
 class AugmentConfig(_Section):
@@ -92,7 +81,7 @@ class AugmentConfig(_Section):
     @field_validator("strategy")
     @classmethod
     def _known_families(cls, v: str) -> str:
-        families = ("color", "crop", "cutout", "flip", "scale", "rotate")
+        families = DSA_FAMILIES
         if v in ("", "none"):
             return "none"
         for part in v.split("_"):
@@ -122,7 +111,7 @@ class ExpertsConfig(_Section):
 class DistillConfig(_Section):
     """PDD stages on top of the base distillation method."""
 
-    method: Literal["mtt", "dm", "idc", "datm"] = "mtt"  # registry: pdd_ray.distill.methods.METHODS
+    method: Literal[METHODS] = "mtt"  # implementations: pdd_ray.distill.methods.METHODS
     num_stages: int = Field(5, ge=1, le=100)
     ipc_per_stage: int = Field(2, ge=1)
     iterations: int = Field(5000, ge=0)
@@ -134,7 +123,7 @@ class DistillConfig(_Section):
     lr_init: float = Field(0.01, gt=0.0)
     batch_syn: int | None = Field(None, ge=1)
     batch_syn_policy: Literal["stage", "union"] = "stage"
-    unroll: Literal["full", "checkpoint", "tesla"] = "full"
+    unroll: Literal[UNROLLS] = "full"
     eval_every: int = Field(100, ge=1)
     eval_runs: int = Field(2, ge=1)
     eval_epochs: int = Field(300, ge=1)
@@ -142,6 +131,14 @@ class DistillConfig(_Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
+    # a Train worker's share of one GPU (with use_gpu): 0.5 puts two workers on each device,
+    # which keeps a GPU busy when one small stage's unroll cannot
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    # process-group timeout of the stage's collectives (torch.distributed, seconds). It must
+    # outlast the longest time one rank spends away from them: a validation round at CIFAR or
+    # Tiny ImageNet size takes tens of minutes, and torch's 30-minute default would restart the
+    # workers mid-stage and repeat that round until max_failures ends the run
+    collective_timeout_s: int = Field(7200, ge=60)
     max_failures: int = Field(2, ge=0)
     transition_syn_epochs: int = Field(300, ge=0)
     transition_experts: int | None = Field(None, ge=1)
@@ -223,7 +220,7 @@ class EvalConfig(_Section):
     full_epochs: int = Field(60, ge=1)
     full_batch_size: int = Field(128, ge=1)
     baselines: bool = True  # random-subset and full-data rows (`pdd-ray run --no-baselines` turns them off)
-    archs: tuple[Literal["convnet", "resnet18", "vgg11", "alexnet"], ...] = ("convnet",)
+    archs: tuple[Literal[ARCHS], ...] = ("convnet",)
     cpus_per_run: float = Field(1.0, gt=0.0)
     gpus_per_run: float = Field(0.0, ge=0.0)
 
@@ -283,6 +280,8 @@ class PddConfig(_Section):
                 f"exceeds experts.epochs = {self.experts.epochs}; matching targets must lie inside the "
                 "recorded trajectories"
             )
+        if d.gpus_per_worker != 1.0 and not d.use_gpu:
+            raise ValueError(f"distill.gpus_per_worker = {d.gpus_per_worker} needs distill.use_gpu: true")
         if self.experts.gpus > 0 and not d.use_gpu:
             raise ValueError(f"experts.gpus = {self.experts.gpus} needs distill.use_gpu: true")
         if d.method == "idc" and size is not None and size % self.idc.factor:
@@ -332,10 +331,10 @@ def _check_datm(cfg: PddConfig) -> None:
 
 def _check_model_size(arch: str, size: int, depth: int | None) -> None:
     """Refuse a model that cannot take the dataset's image size, before any data is read."""
-    if size < 8:
-        raise ValueError(f"image size {size} is too small; models need at least 8x8")
-    if arch == "convnet" and depth is not None and (size >> depth) < 1:
-        max_depth = int(math.floor(math.log2(size)))
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image size {size} is too small; models need at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
+    max_depth = max_convnet_depth(size)
+    if arch == "convnet" and depth is not None and depth > max_depth:
         raise ValueError(
             f"model.depth = {depth} is too deep for {size}x{size} images: "
             f"at most {max_depth} halvings fit (or leave depth unset)"

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig
 from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
@@ -81,6 +80,44 @@ class EvalResult:
     def from_dict(cls, d: dict) -> EvalResult:
         return cls(str(d["name"]), str(d["arch"]),
                    {k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()})
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """How a set is evaluated: the training recipe, how many independent runs from which seed,
+    and whether the optimiser's momentum carries across stages."""
+
+    recipe: TrainRecipe
+    runs: int
+    seed: int
+    carry_optimizer_state: bool = True
+
+
+@dataclass(frozen=True)
+class RunResources:
+    """What each evaluation run asks Ray for (fractional GPUs let small runs share a device)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> RunResources:
+        """``evaluation.cpus_per_run`` / ``gpus_per_run``."""
+        return cls(cfg.cpus_per_run, cfg.gpus_per_run)
+
+
+@dataclass(frozen=True)
+class BaselineSetup:
+    """What every baseline shares: the real data and model, the evaluation settings with the
+    DSA strategy and seed, whether bars show, and where results are cached (None: not at all)."""
+
+    bundle: DatasetBundle
+    spec: ModelSpec
+    cfg: EvalConfig
+    augment: str
+    seed: int
+    progress: bool = True
+    cache_dir: Path | None = None
 
 
 def recipe_from_config(cfg: EvalConfig, augment: str) -> TrainRecipe:
@@ -155,29 +192,26 @@ def evaluate_progressive(
     name: str,
     spec: ModelSpec,
     stages: list[StageSet],
-    recipe: TrainRecipe,
+    plan: EvalPlan,
     eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    runs: int,
-    seed: int,
-    carry_optimizer_state: bool = True,
-    cpus_per_run: float = 1.0,
-    gpus_per_run: float = 0.0,
+    resources: RunResources = RunResources(),
     progress: bool = True,
 ) -> EvalResult:
-    """``runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
+    """``plan.runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
+    runs, gpus_per_run = plan.runs, resources.gpus
     eval_ref = ray.put(eval_sets)
     stages_ref = ray.put(stages)
     # "DEFAULT": run on the cluster's free resources even when called from inside a Tune trial
     # (whose placement group would otherwise capture these tasks and could never fit them)
-    task = _progressive_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, scheduling_strategy="DEFAULT")
+    task = _progressive_task.options(num_cpus=resources.cpus, num_gpus=gpus_per_run, scheduling_strategy="DEFAULT")
     pending = [
         task.remote(
             spec,
             stages_ref,
-            recipe,
+            plan.recipe,
             eval_ref,
-            derive_seed(seed, "eval-run", r),
-            carry_optimizer_state,
+            derive_seed(plan.seed, "eval-run", r),
+            plan.carry_optimizer_state,
             gpus_per_run > 0,
         )
         for r in range(runs)
@@ -187,16 +221,22 @@ def evaluate_progressive(
     desc = f"evaluate {name} [{spec.arch}]"
     bar = tqdm(total=runs, desc=desc, unit="run", disable=not progress, leave=False)
     t0 = time.perf_counter()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            res = ray.get(ref)
-            results[order[ref]] = res
-            bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
-            bar.update(1)
-            left = time_left(len(results), runs, time.perf_counter() - t0)
-            progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
-    bar.close()
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                res = ray.get(ref)
+                results[order[ref]] = res
+                bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
+                bar.update(1)
+                left = time_left(len(results), runs, time.perf_counter() - t0)
+                progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
+    except BaseException:  # a failed run or Ctrl-C: the other runs' results would go unread
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    finally:
+        bar.close()
     splits = list(eval_sets)
     scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in splits}
     return EvalResult(name=name, arch=spec.arch, scores=scores)
@@ -226,31 +266,28 @@ def eval_sets_of(bundle: DatasetBundle) -> dict[str, tuple[torch.Tensor, torch.T
     return {"val": (bundle.val_x, bundle.val_y), "test": (bundle.test_x, bundle.test_y)}
 
 
-def _evaluate_baseline(name: str, stage: StageSet, bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig,
-                       augment: str, seed: int, progress: bool, cache_dir: Path | None = None) -> EvalResult:
+def _evaluate_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> EvalResult:
     """A one-stage evaluation with the evaluation config's recipe and resources.
 
-    With ``cache_dir``, the result is kept there under a digest of exactly what the evaluation
-    consumes (see :func:`baseline_key`), so a re-run on the same data and recipe reuses it.
+    With ``setup.cache_dir``, the result is kept there under a digest of exactly what the
+    evaluation consumes (see :func:`baseline_key`), so a re-run on the same data and recipe reuses it.
     """
-    recipe = recipe_from_config(cfg, augment)
-    sets = eval_sets_of(bundle)
+    cfg, spec, seed = setup.cfg, setup.spec, setup.seed
+    recipe = recipe_from_config(cfg, setup.augment)
+    sets = eval_sets_of(setup.bundle)
     path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"{baseline_key(name, stage, recipe, spec, sets, cfg.runs, seed, bundle.digest)}.json"
+    if setup.cache_dir is not None:
+        key = baseline_key(name, stage, recipe, spec, sets, cfg.runs, seed, setup.bundle.digest)
+        path = Path(setup.cache_dir) / f"{key}.json"
         cached = _read_cached(path)
         if cached is not None:
             progress_log.info("%s: reused from %s", name, path)
             return cached
-    res = evaluate_progressive(
-        name, spec, [stage], recipe, sets, cfg.runs, seed,
-        cpus_per_run=cfg.cpus_per_run, gpus_per_run=cfg.gpus_per_run, progress=progress,
-    )
+    res = evaluate_progressive(name, spec, [stage], EvalPlan(recipe, cfg.runs, seed), sets, RunResources.of(cfg),
+                               progress=setup.progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"format": 1, "result": res.to_dict()}))
     return res
 
 
@@ -288,10 +325,8 @@ def _read_cached(path: Path) -> EvalResult | None:
         return None
 
 
-def evaluate_random_baseline(
-    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, ipc: int, seed: int, progress: bool = True,
-    epochs: int | None = None, cache_dir: Path | None = None, soft_labeller=None,
-) -> EvalResult:
+def evaluate_random_baseline(setup: BaselineSetup, ipc: int, epochs: int | None = None,
+                             soft_labeller=None) -> EvalResult:
     """A fresh random real subset per run would mix two sources of variance; like the
     paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
 
@@ -300,11 +335,11 @@ def evaluate_random_baseline(
     ``soft_labeller(x) -> logits`` (DATM's honest control): the same subset, trained with soft
     cross-entropy against an expert's logits instead of its class labels.
     """
-    x, y = random_subset(bundle, ipc, seed)
+    x, y = random_subset(setup.bundle, ipc, setup.seed)
     soft = soft_labeller(x) if soft_labeller is not None else None
     name = f"random ipc{ipc}" + (" soft labels" if soft is not None else "")
-    stage = StageSet(x, y, lr=cfg.lr, epochs=epochs, soft_labels=soft)
-    return _evaluate_baseline(name, stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
+    stage = StageSet(x, y, lr=setup.cfg.lr, epochs=epochs, soft_labels=soft)
+    return _evaluate_baseline(name, stage, setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,13 +368,11 @@ def epochs_per_stage_for(total_epochs: int, num_stages: int) -> int:
     return total_epochs // num_stages
 
 
-def evaluate_full_baseline(
-    bundle: DatasetBundle, spec: ModelSpec, cfg: EvalConfig, augment: str, seed: int, progress: bool = True,
-    cache_dir: Path | None = None,
-) -> EvalResult:
+def evaluate_full_baseline(setup: BaselineSetup) -> EvalResult:
     """The whole training set, ``cfg.full_epochs`` epochs of minibatch SGD: the ceiling."""
-    stage = StageSet(bundle.train_x, bundle.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
-    return _evaluate_baseline("full data", stage, bundle, spec, cfg, augment, seed, progress, cache_dir)
+    b, cfg = setup.bundle, setup.cfg
+    stage = StageSet(b.train_x, b.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
+    return _evaluate_baseline("full data", stage, setup)
 
 
 def format_table(rows: list[tuple[str, str, float, float]], title: str = "test accuracy") -> str:

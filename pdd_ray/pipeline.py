@@ -7,16 +7,19 @@ writes ``results.json`` beside the artifact.
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig, PddConfig
-from pdd_ray.distill.driver import DistillResult, distill, run_lock
+from pdd_ray.distill.driver import DistillResult, distill
+from pdd_ray.distill.identity import run_lock
 from pdd_ray.evaluation import (
+    BaselineSetup,
+    EvalPlan,
     EvalResult,
+    RunResources,
     budget_epochs,
     evaluate_full_baseline,
     evaluate_progressive,
@@ -112,13 +115,9 @@ def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult
             "PDD",
             prepared.spec.with_arch(arch),
             result.stages,
-            recipe,
+            EvalPlan(recipe, cfg.evaluation.runs, cfg.seed, cfg.evaluation.carry_optimizer_state),
             eval_sets_of(prepared.bundle),
-            cfg.evaluation.runs,
-            cfg.seed,
-            carry_optimizer_state=cfg.evaluation.carry_optimizer_state,
-            cpus_per_run=cfg.evaluation.cpus_per_run,
-            gpus_per_run=cfg.evaluation.gpus_per_run,
+            RunResources.of(cfg.evaluation),
             progress=progress,
         )
     return out
@@ -148,12 +147,11 @@ def soft_label_controls(cfg: PddConfig, prepared: Prepared, result: DistillResul
     ev = ev or cfg.evaluation
     hard = evaluate_progressive(
         "PDD hard labels", prepared.spec, [replace(s, soft_labels=None) for s in result.stages],
-        recipe_from_config(ev, cfg.augment.strategy), eval_sets_of(prepared.bundle), ev.runs, cfg.seed,
-        carry_optimizer_state=ev.carry_optimizer_state, cpus_per_run=ev.cpus_per_run,
-        gpus_per_run=ev.gpus_per_run, progress=progress,
+        EvalPlan(recipe_from_config(ev, cfg.augment.strategy), ev.runs, cfg.seed, ev.carry_optimizer_state),
+        eval_sets_of(prepared.bundle), RunResources.of(ev), progress=progress,
     )
-    rnd = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.distill.total_ipc,
-                                   cfg.seed, progress, epochs=budget_epochs(ev, len(result.stages)),
+    setup = BaselineSetup(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.seed, progress)
+    rnd = evaluate_random_baseline(setup, cfg.distill.total_ipc, epochs=budget_epochs(ev, len(result.stages)),
                                    soft_labeller=stage1_labeller(cfg, prepared, result))
     return hard, rnd
 
@@ -162,7 +160,7 @@ def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None,
         on_stage=None, baselines: bool = True) -> RunReport:
     """Distill (or resume) and evaluate; returns the report and writes ``results.json``.
 
-    The whole run holds the run directory's lock (:func:`pdd_ray.distill.driver.run_lock`): a
+    The whole run holds the run directory's lock (:func:`pdd_ray.distill.identity.run_lock`): a
     concurrent run of the same config waits, then reuses the finished experts and stages.
     With ``tracking.enabled`` the run is logged to MLflow (as a child of ``parent_run_id``
     when a sweep drives it); ``on_stage(k, outcome)`` is called after every stage.
@@ -177,18 +175,14 @@ def _tracked_run(cfg: PddConfig, prepared: Prepared, progress: bool, parent_run_
                  run_name: str | None, on_stage, baselines: bool) -> RunReport:
     """:func:`run` once its run directory is locked: Ray, the MLflow run, the work, the report."""
     ensure_ray()
+    from pdd_ray.tracking import RunTracker, closed_on_error
+
     tracker = None
     if cfg.tracking.enabled:
-        from pdd_ray.tracking import RunTracker
-
         tracker = RunTracker(cfg, parent_id=parent_run_id, run_name=run_name)
         tracker.log_dataset(prepared.bundle)
-    try:
+    with closed_on_error(tracker):  # Ctrl-C included: no run is left RUNNING
         report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
-    except BaseException as err:  # Ctrl-C included: no run is left RUNNING
-        if tracker is not None:
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
     if tracker is not None:
         tracker.on_report(report)
         tracker.finish("FINISHED")
@@ -210,18 +204,16 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
         cache = baseline_cache(cfg)
         with phase("baselines"):
             # equal training budget: the one-stage random subset trains as long as all P stages together
-            random = evaluate_random_baseline(prepared.bundle, prepared.spec, ev, aug, total_ipc, cfg.seed, progress,
-                                              epochs=budget_epochs(ev, cfg.distill.num_stages), cache_dir=cache)
-            full = evaluate_full_baseline(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
+            setup = BaselineSetup(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
+            random = evaluate_random_baseline(setup, total_ipc, epochs=budget_epochs(ev, cfg.distill.num_stages))
+            full = evaluate_full_baseline(setup)
         seconds["baselines"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     hard, random_soft = soft_label_controls(cfg, prepared, result, progress) if baselines else (None, None)
     report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages),
                        pdd_hard=hard, random_soft=random_soft)
     path = result.directory / "results.json"
-    tmp = path.with_name(f".results.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report.to_dict(), indent=2))
     return report
 
 

@@ -153,10 +153,10 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
     # shared stage-1 experts first: every layout of this sweep uses the same expert settings
     stage1_experts(base_cfg, prepare(base_cfg), progress=progress)
 
+    from pdd_ray.tracking import RunTracker, closed_on_error
+
     parent = None
     if base_cfg.tracking.enabled:
-        from pdd_ray.tracking import RunTracker
-
         parent = RunTracker(base_cfg, run_name=sweep.name, extra_tags={"pdd.sweep": sweep.name})
     d = base_cfg.distill
     per_trial_cpus = d.num_workers * d.cpus_per_worker
@@ -176,12 +176,8 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
                                     num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage / "tune"), verbose=1 if progress else 0),
     )
-    try:
+    with closed_on_error(parent):
         grid = tuner.fit()
-    except BaseException as err:
-        if parent is not None:
-            parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
     rows = []
     for res in grid:
         cfg = res.config or {}

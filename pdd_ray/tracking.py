@@ -1,7 +1,8 @@
 """MLflow tracking: run -> stage runs (and sweep -> trial -> stage), metrics, images, lineage.
 
 Everything goes through an explicit ``MlflowClient`` (no fluent global run stack), so the same
-code works in the driver, in a Tune trial process and in Ray Train's rank-0 worker. The
+code works in the driver and in a Tune trial process (stage workers never log: the driver
+feeds their records into a :class:`StageLogger`, see ``pdd_ray.distill.stage_progress``). The
 default store is ``sqlite:///<storage>/mlflow.db`` (MLflow 3 refuses new file stores);
 ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point at a server instead (needed on clusters).
 """
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,20 @@ def tracking_uri(cfg: PddConfig) -> str:
         raise PddError(f"storage = {cfg.storage_root!r} is remote: set tracking.uri to an MLflow server (http://HOST:5000)")
     Path(root).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
+
+
+#: Entries per ``log_batch`` call: MLflow accepts at most 1000 metrics and 100 params in one.
+METRICS_PER_BATCH = 900
+PARAMS_PER_BATCH = 100
+
+
+def log_batches(client, run_id: str, metrics: list | None = None, params: list | None = None) -> None:
+    """``client.log_batch`` in as many calls as MLflow's per-call limits need (none for nothing)."""
+    metrics, params = metrics or [], params or []
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+    for i in range(0, len(params), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
 
 
 def _client(uri: str):
@@ -155,7 +172,7 @@ def ray_job_submission_id() -> str | None:
 
 @dataclass
 class StageLogTarget:
-    """Where and how a stage worker logs (picklable: travels in the Train loop config)."""
+    """Where and how a stage's metrics and images are logged: its run and the data's space."""
 
     uri: str
     run_id: str
@@ -166,7 +183,8 @@ class StageLogTarget:
 
 
 class StageLogger:
-    """Rank-0 logging of per-iteration metrics (batched) and the image grid at each evaluation."""
+    """A stage's per-iteration metrics (batched) and the image grid at each evaluation, logged
+    on the driver (a :class:`pdd_ray.distill.stage_progress.StageSink`)."""
 
     def __init__(self, target: StageLogTarget, flush_every: int = 20) -> None:
         self.target = target
@@ -190,8 +208,7 @@ class StageLogger:
         self.client.log_image(t.run_id, grid, key="synthetic_images", step=step)
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), 900):
-            self.client.log_batch(self.target.run_id, metrics=self.pending[i : i + 900])
+        log_batches(self.client, self.target.run_id, metrics=self.pending)
         self.pending = []
 
 
@@ -237,8 +254,7 @@ class RunTracker:
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:6000]) for k, v in sorted(self.cfg.to_flat_dict().items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        log_batches(self.client, self.run_id, params=params)
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 
     def log_dataset(self, bundle, context: str = "training") -> None:
@@ -275,8 +291,7 @@ class RunTracker:
         for s in summaries:
             metrics.append(Metric("expert_final_val_acc", s["final_val_acc"], now, s["index"]))
             metrics.append(Metric("expert_final_train_acc", s["final_train_acc"], now, s["index"]))
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 900])
+        log_batches(self.client, self.run_id, metrics=metrics)
 
     def log_real_examples(self, k: int, n: int) -> None:
         """How many real training examples stage k's experts used (step = stage; forgetting discarding)."""
@@ -291,6 +306,10 @@ class RunTracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{self.run_name or self.cfg.name}/stage{k}")
         self.stage_ids[k] = run.info.run_id
         return StageLogTarget(self.uri, run.info.run_id, b.mean, b.std, prepared.zca, b.num_classes)
+
+    def stage_logger(self, k: int, prepared) -> StageLogger:
+        """Stage k's child run, with the logger the driver feeds rank 0's records into."""
+        return StageLogger(self.stage_target(k, prepared))
 
     def log_stage_health(self, health) -> None:
         """Flags of a stage that kept its initialisation or diverged (``pdd_ray.distill.health``):
@@ -317,8 +336,7 @@ class RunTracker:
         if resumed_from_record:
             metrics += [Metric("loss", v, now, i + 1) for i, v in enumerate(outcome.losses)]
             metrics += [Metric("val_acc", a, now, it) for it, a in outcome.val_history]
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
+        log_batches(self.client, run_id, metrics=metrics)
         self.log_stage_params(k, outcome)
         self.client.log_batch(self.run_id, metrics=[Metric("stage_best_val_acc", outcome.best_val_acc, now, k),
                                                     Metric("stage_seconds", seconds, now, k)])
@@ -388,9 +406,21 @@ RESUME_TAG = "pdd.resume_key"
 OWNER_TAG = "pdd.owner"
 
 
+@contextmanager
+def closed_on_error(tracker: RunTracker | None) -> Iterator[None]:
+    """Run the body; if it raises (Ctrl-C included), mark ``tracker``'s runs KILLED (on
+    KeyboardInterrupt) or FAILED before the error goes on, so no run is left RUNNING."""
+    try:
+        yield
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def resume_key(cfg: PddConfig, extra_tags: dict[str, str] | None = None) -> str:
     """What a re-run of the same work shares with the run it resumes: its kind and run key."""
-    from pdd_ray.distill.driver import run_key
+    from pdd_ray.distill.identity import run_key
 
     tags = extra_tags or {}
     kind = tags.get("pdd.kind") or ("sweep" if "pdd.sweep" in tags else "run")

@@ -109,3 +109,21 @@ def test_every_command_takes_no_progress(argv, fragment, capsys):
     err = capsys.readouterr().err
     assert "unrecognized arguments" not in err
     assert code == 2 and fragment in err, err
+
+
+def test_a_command_ends_the_ray_it_started_but_not_a_callers(ray_session, capsys):
+    """`pdd-ray ...` shuts down the Ray instance it started when the command ends (not in
+    atexit, after the interpreter has begun tearing down); one the caller had running stays."""
+    import subprocess
+    import sys
+
+    import ray
+
+    assert main(["evaluate", "--baseline", "random", "--ipc", "1", "--runs", "1", "--no-progress",
+                 "model.width=8", "evaluation.epochs_per_stage=1"]) == 0
+    assert ray.is_initialized()  # the test session's instance was left running
+    code = ("import ray; from pdd_ray.cli import main; "
+            "rc = main(['evaluate', '--baseline', 'random', '--ipc', '1', '--runs', '1', '--no-progress', "
+            "'model.width=8', 'evaluation.epochs_per_stage=1']); print('RC', rc, 'UP', ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "RC 0 UP False" in out.stdout, out.stdout + out.stderr

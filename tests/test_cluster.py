@@ -9,7 +9,6 @@ command line names that temp dir (plus their children), never a bare ``ray stop`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -237,15 +236,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     """Run ``pdd-ray ARGV`` in-process through the real ``cli.main`` (error printing, exit codes)."""
     from pdd_ray import cli
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    extra = [] if "submit" in sub.choices else [jobs.register]  # until cli.py registers it itself
-    saved = list(cli._EXTRA_COMMANDS)
-    cli._EXTRA_COMMANDS[:] = saved + extra
-    try:
-        rc = cli.main(argv)
-    finally:
-        cli._EXTRA_COMMANDS[:] = saved
+    rc = cli.main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 

@@ -7,6 +7,8 @@ import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.evaluation import (
+    BaselineSetup,
+    EvalPlan,
     StageSet,
     evaluate_full_baseline,
     evaluate_progressive,
@@ -79,8 +81,9 @@ def test_init_params_start_from_given_weights(digits):
 
 def test_baselines_through_ray_random_below_full(ray_session, digits):
     cfg, p = digits
-    rnd = evaluate_random_baseline(p.bundle, p.spec, cfg.evaluation, "none", 1, cfg.seed, progress=False)
-    full = evaluate_full_baseline(p.bundle, p.spec, cfg.evaluation, "none", cfg.seed, progress=False)
+    setup = BaselineSetup(p.bundle, p.spec, cfg.evaluation, "none", cfg.seed, progress=False)
+    rnd = evaluate_random_baseline(setup, 1)
+    full = evaluate_full_baseline(setup)
     assert rnd.scores["test"].shape == (2, 1)
     assert full.final[0] > 75.0  # 8 epochs of a narrow net: well above chance
     assert rnd.final[0] < full.final[0] - 10.0  # one image per class is far from the full set
@@ -90,8 +93,8 @@ def test_cross_architecture_spec(ray_session, digits):
     cfg, p = digits
     stage = StageSet(*random_subset(p.bundle, 1, 0), lr=0.01, epochs=5)
     spec = ModelSpec("vgg11", 1, 10, 8)
-    res = evaluate_progressive("x", spec, [stage], TrainRecipe(epochs=5, lr=0.01), eval_sets_of(p.bundle), 1, 0,
-                               progress=False)
+    res = evaluate_progressive("x", spec, [stage], EvalPlan(TrainRecipe(epochs=5, lr=0.01), 1, 0),
+                               eval_sets_of(p.bundle), progress=False)
     assert res.arch == "vgg11" and res.scores["test"].shape == (1, 1)
 
 
@@ -129,7 +132,27 @@ def test_equal_training_budget_helpers(digits, monkeypatch):
     assert "\n" not in str(err.value) and "600" in str(err.value) and "7" in str(err.value)
     seen = []
     monkeypatch.setattr(evaluation, "evaluate_progressive", lambda name, spec, stages, *a, **k: seen.append(stages))
-    evaluation.evaluate_random_baseline(p.bundle, p.spec, ev, "none", 2, 0, progress=False,
-                                        epochs=evaluation.budget_epochs(ev, 3))
-    evaluation.evaluate_random_baseline(p.bundle, p.spec, ev, "none", 2, 0, progress=False)
+    setup = evaluation.BaselineSetup(p.bundle, p.spec, ev, "none", 0, progress=False)
+    evaluation.evaluate_random_baseline(setup, 2, epochs=evaluation.budget_epochs(ev, 3))
+    evaluation.evaluate_random_baseline(setup, 2)
     assert [s[0].epochs or ev.epochs_per_stage for s in seen] == [180, 60]
+
+
+def test_a_failed_run_cancels_the_runs_still_pending(ray_session, digits, monkeypatch):
+    """One run failing (or Ctrl-C) must not leave the other runs training on the cluster."""
+    import ray
+
+    cfg, p = digits
+    cancelled: list[object] = []
+    real_cancel = ray.cancel
+
+    def failing_get(ref, *a, **k):
+        raise RuntimeError("run failed")
+
+    monkeypatch.setattr(ray, "get", failing_get)
+    monkeypatch.setattr(ray, "cancel", lambda ref, **k: cancelled.append(ref) or real_cancel(ref, **k))
+    stages = [StageSet(*random_subset(p.bundle, 1, 0), lr=0.01)]
+    plan = EvalPlan(TrainRecipe(epochs=3, lr=0.01), runs=3, seed=0)
+    with pytest.raises(RuntimeError, match="run failed"):
+        evaluate_progressive("x", p.spec, stages, plan, eval_sets_of(p.bundle), progress=False)
+    assert len(cancelled) == 2  # the first run to finish failed; the two others were cancelled

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import pdd_ray.experts.store as store_mod
-from pdd_ray.distill.artifact import load_distilled, write_artifact
-from pdd_ray.distill.driver import StageOutcome, load_stage, save_stage
+from pdd_ray.distill.artifact import DataSpace, load_distilled, write_artifact
+from pdd_ray.distill.records import StageOutcome, load_stage, save_stage
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
 from pdd_ray.experts.store import TrajectoryStore
@@ -135,8 +135,8 @@ def _artifact(tmp_path: Path) -> Path:
     o = _outcome()
     spec = ModelSpec(arch="convnet", channels=1, num_classes=10, image_size=8, width=8, depth=2)
     return write_artifact(tmp_path / "artifact", [StageSet(o.images, o.labels, lr=0.01, epochs=5)], spec,
-                          {"name": "digits", "digest": "d", "classes": [str(i) for i in range(10)], "shape": [1, 8, 8]},
-                          (0.5,), (0.25,), None, TrainRecipe(epochs=5, lr=0.01), True, {"run_key": "k"})
+                          DataSpace({"name": "digits", "digest": "d", "classes": [str(i) for i in range(10)],
+                                     "shape": [1, 8, 8]}, (0.5,), (0.25,), None), TrainRecipe(epochs=5, lr=0.01), True, {"run_key": "k"})
 
 
 def test_damaged_artifact_is_refused(tmp_path):

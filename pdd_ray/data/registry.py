@@ -25,8 +25,8 @@ from pdd_ray.data.sources import (RawData, SourceRequest, read_cifar, read_digit
                                   read_svhn)
 from pdd_ray.data.split import dataset_digest, stratified_split
 from pdd_ray.errors import PddError
+from pdd_ray.names import DATASETS
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "cifar10", "cifar100", "tiny_imagenet", "imagefolder")
 
 #: Seed of the test carve for datasets without an official test split. Fixed, so the test
 #: set never moves when the run seed changes (reported numbers stay comparable).
@@ -67,15 +67,7 @@ def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.
     """
     key = _check_name(name)
     spec = _SPECS[key]
-    _check_fraction("val_fraction", val_fraction, 0.0, 0.5, low_open=False)
-    _check_fraction("test_fraction", test_fraction, 0.0, 0.5, low_open=True)
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise PddError(f"seed={seed!r}: expected an integer")
-    if not isinstance(download, bool) or not isinstance(normalize, bool):
-        raise PddError(f"download={download!r}, normalize={normalize!r}: expected booleans")
-    bad_size = isinstance(image_size, bool) or not isinstance(image_size, Integral) or image_size < 1
-    if image_size is not None and bad_size:
-        raise PddError(f"image_size={image_size!r}: expected a positive integer or None")
+    _check_arguments(val_fraction, test_fraction, seed, download, normalize, image_size)
     root_path = _check_root(key, root) if spec.needs_root else None
 
     raw = spec.reader(SourceRequest(key, root_path, download, None if image_size is None else int(image_size)))
@@ -83,15 +75,7 @@ def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.
     extra: dict = {"root": None if root_path is None else str(root_path), "seed": int(seed),
                    "val_fraction": float(val_fraction), "normalized": normalize, **raw.extra}
 
-    train_x, train_y = raw.train_x, raw.train_y
-    if raw.test_x is None:
-        keep, test_idx = stratified_split(torch.from_numpy(train_y), float(test_fraction), TEST_SPLIT_SEED)
-        test_x, test_y = train_x[test_idx.numpy()], train_y[test_idx.numpy()]
-        train_x, train_y = train_x[keep.numpy()], train_y[keep.numpy()]
-        extra.update(test_source="carved", test_fraction=float(test_fraction))
-    else:
-        test_x, test_y = raw.test_x, raw.test_y
-        extra["test_source"] = "official"
+    train_x, train_y, test_x, test_y = _test_split(raw, test_fraction, extra)
 
     digest = dataset_digest(train_x, train_y)
     native = train_x.shape[-1]
@@ -112,15 +96,7 @@ def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.
         tensors[split] = (xf, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
 
     channels = tensors["train"][0].shape[1]
-    if not normalize:
-        mean, std = (0.0,) * channels, (1.0,) * channels
-    elif raw.mean is not None and raw.std is not None:
-        mean, std = tuple(raw.mean), tuple(raw.std)
-    else:  # from the whole training pool, like the published constants: independent of the val seed
-        mean, std = _channel_stats(tensors["train"][0], tensors["val"][0])
-    if normalize:
-        for xf, _ in tensors.values():
-            _normalize_(xf, mean, std)
+    mean, std = _normalize_splits(tensors, raw, normalize)
 
     return DatasetBundle(
         name=key,
@@ -131,6 +107,51 @@ def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.
         channels=int(channels), image_size=int(tensors["train"][0].shape[-1]),
         mean=mean, std=std, digest=digest, extra=extra,
     )
+
+
+def _check_arguments(val_fraction: float, test_fraction: float, seed: int, download: bool, normalize: bool,
+                     image_size: int | None) -> None:
+    """One-line errors for :func:`load_dataset`'s arguments, before anything is read."""
+    _check_fraction("val_fraction", val_fraction, 0.0, 0.5, low_open=False)
+    _check_fraction("test_fraction", test_fraction, 0.0, 0.5, low_open=True)
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise PddError(f"seed={seed!r}: expected an integer")
+    if not isinstance(download, bool) or not isinstance(normalize, bool):
+        raise PddError(f"download={download!r}, normalize={normalize!r}: expected booleans")
+    bad_size = isinstance(image_size, bool) or not isinstance(image_size, Integral) or image_size < 1
+    if image_size is not None and bad_size:
+        raise PddError(f"image_size={image_size!r}: expected a positive integer or None")
+
+
+def _test_split(raw: RawData, test_fraction: float, extra: dict):
+    """(train_x, train_y, test_x, test_y): the official test split, or a stratified
+    ``test_fraction`` carved with the fixed ``TEST_SPLIT_SEED``; notes which in ``extra``."""
+    train_x, train_y = raw.train_x, raw.train_y
+    if raw.test_x is None:
+        keep, test_idx = stratified_split(torch.from_numpy(train_y), float(test_fraction), TEST_SPLIT_SEED)
+        test_x, test_y = train_x[test_idx.numpy()], train_y[test_idx.numpy()]
+        train_x, train_y = train_x[keep.numpy()], train_y[keep.numpy()]
+        extra.update(test_source="carved", test_fraction=float(test_fraction))
+    else:
+        test_x, test_y = raw.test_x, raw.test_y
+        extra["test_source"] = "official"
+    return train_x, train_y, test_x, test_y
+
+
+def _normalize_splits(tensors: dict, raw: RawData, normalize: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalise every split in place; returns (mean, std): 0/1 without normalisation, the
+    published constants, or the training pool's own statistics (independent of the val seed)."""
+    channels = tensors["train"][0].shape[1]
+    if not normalize:
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    elif raw.mean is not None and raw.std is not None:
+        mean, std = tuple(raw.mean), tuple(raw.std)
+    else:  # from the whole training pool, like the published constants: independent of the val seed
+        mean, std = _channel_stats(tensors["train"][0], tensors["val"][0])
+    if normalize:
+        for xf, _ in tensors.values():
+            _normalize_(xf, mean, std)
+    return mean, std
 
 
 def _check_name(name: object) -> str:

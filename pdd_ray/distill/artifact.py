@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from PIL import Image
 
 from pdd_ray import __version__
+from pdd_ray.atomic import atomic_path, temp_name
 from pdd_ray.data import ZCA
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
@@ -74,9 +74,8 @@ class Distilled:
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def to_pixels(images: torch.Tensor, mean, std, zca: ZCA | None) -> torch.Tensor:
@@ -114,19 +113,26 @@ def grid_array(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, min
 
 def save_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path) -> None:
     """Write :func:`grid_array` as a PNG (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.png")
-    Image.fromarray(grid_array(pixels, labels, num_classes)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid_array(pixels, labels, num_classes)).save(tmp, format="PNG")
+
+
+@dataclass(frozen=True)
+class DataSpace:
+    """The space the images live in: the dataset's identity (name, digest, classes, shape),
+    its normalisation and its ZCA whitening (None without)."""
+
+    dataset: dict
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    zca: ZCA | None
 
 
 def write_artifact(
     path: str | Path,
     stages: list[StageSet],
     spec: ModelSpec,
-    dataset: dict,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    zca: ZCA | None,
+    space: DataSpace,
     recipe: TrainRecipe,
     carry_optimizer_state: bool,
     provenance: dict,
@@ -139,49 +145,13 @@ def write_artifact(
     None (MTT, DM) writes no entry, so those manifests are unchanged.
     """
     final = Path(path)
-    tmp_dir = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+    tmp_dir = temp_name(final)
     tmp_dir.mkdir(parents=True)
     try:
-        entries = []
-        for k, stage in enumerate(stages, start=1):
-            file = f"stage_{k}.npz"
-            soft = ({"soft_labels": stage.soft_labels.detach().cpu().float().numpy()}
-                    if stage.soft_labels is not None else {})
-            _atomic_npz(tmp_dir / file, images=stage.images.detach().cpu().float().numpy(),
-                        labels=stage.labels.detach().cpu().long().numpy(), **soft)
-            grid = f"grid_stage_{k}.png"
-            save_grid(to_pixels(stage.images, mean, std, zca), stage.labels.cpu(), spec.num_classes, tmp_dir / grid)
-            entries.append({
-                "stage": k,
-                "file": file,
-                "grid": grid,
-                "count": int(stage.images.shape[0]),
-                "ipc": int(stage.images.shape[0] // max(1, spec.num_classes)),
-                "alpha": float(stage.lr),
-                "epochs": stage.epochs,
-                **({"soft_labels": True} if soft else {}),
-            })
-        if zca is not None:
-            zca.save(tmp_dir / "zca.npz")
-        manifest = {
-            "format": FORMAT,
-            "pdd_ray_version": __version__,
-            "dataset": dataset,
-            "normalization": {"mean": list(mean), "std": list(std), "zca": "zca.npz" if zca is not None else None},
-            "model": spec.to_dict(),
-            "stages": entries,
-            "evaluation": {**recipe.__dict__, "carry_optimizer_state": carry_optimizer_state,
-                           "note": "train one network on stage 1, then the union of stages 1..k with stage k's "
-                                   "alpha as lr, for `epochs` epochs each; lr x0.1 at half of each stage"},
-            "provenance": provenance,
-        }
-        if decode is not None:
-            manifest["decode"] = decode
-        if any(st.soft_labels is not None for st in stages):
-            manifest["evaluation"]["labels"] = "soft"
-            manifest["evaluation"]["labels_note"] = (
-                "each stage file holds soft_labels (logits); train with soft cross-entropy against their softmax, "
-                "-sum(p * log_softmax(f(x))) averaged over the batch, as DATM; labels name each image's class")
+        entries = _write_stages(tmp_dir, stages, spec, space)
+        if space.zca is not None:
+            space.zca.save(tmp_dir / "zca.npz")
+        manifest = _manifest(entries, stages, spec, space, recipe, carry_optimizer_state, provenance, decode)
         # a digest per file: load_distilled refuses damaged bytes instead of training on them
         manifest["sha256"] = {f.name: file_sha256(f) for f in sorted(tmp_dir.iterdir()) if f.is_file()}
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -192,6 +162,57 @@ def write_artifact(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final
+
+
+def _write_stages(tmp_dir: Path, stages: list[StageSet], spec: ModelSpec, space: DataSpace) -> list[dict]:
+    """Each stage's NPZ and image grid; returns their manifest entries."""
+    mean, std, zca = space.mean, space.std, space.zca
+    entries = []
+    for k, stage in enumerate(stages, start=1):
+        file = f"stage_{k}.npz"
+        soft = ({"soft_labels": stage.soft_labels.detach().cpu().float().numpy()}
+                if stage.soft_labels is not None else {})
+        _atomic_npz(tmp_dir / file, images=stage.images.detach().cpu().float().numpy(),
+                    labels=stage.labels.detach().cpu().long().numpy(), **soft)
+        grid = f"grid_stage_{k}.png"
+        save_grid(to_pixels(stage.images, mean, std, zca), stage.labels.cpu(), spec.num_classes, tmp_dir / grid)
+        entries.append({
+            "stage": k,
+            "file": file,
+            "grid": grid,
+            "count": int(stage.images.shape[0]),
+            "ipc": int(stage.images.shape[0] // max(1, spec.num_classes)),
+            "alpha": float(stage.lr),
+            "epochs": stage.epochs,
+            **({"soft_labels": True} if soft else {}),
+        })
+    return entries
+
+
+def _manifest(entries: list[dict], stages: list[StageSet], spec: ModelSpec, space: DataSpace, recipe: TrainRecipe,
+              carry_optimizer_state: bool, provenance: dict, decode: dict | None) -> dict:
+    """The manifest, less the files' digests."""
+    dataset, mean, std, zca = space.dataset, space.mean, space.std, space.zca
+    manifest = {
+        "format": FORMAT,
+        "pdd_ray_version": __version__,
+        "dataset": dataset,
+        "normalization": {"mean": list(mean), "std": list(std), "zca": "zca.npz" if zca is not None else None},
+        "model": spec.to_dict(),
+        "stages": entries,
+        "evaluation": {**recipe.__dict__, "carry_optimizer_state": carry_optimizer_state,
+                       "note": "train one network on stage 1, then the union of stages 1..k with stage k's "
+                               "alpha as lr, for `epochs` epochs each; lr x0.1 at half of each stage"},
+        "provenance": provenance,
+    }
+    if decode is not None:
+        manifest["decode"] = decode
+    if any(st.soft_labels is not None for st in stages):
+        manifest["evaluation"]["labels"] = "soft"
+        manifest["evaluation"]["labels_note"] = (
+            "each stage file holds soft_labels (logits); train with soft cross-entropy against their softmax, "
+            "-sum(p * log_softmax(f(x))) averaged over the batch, as DATM; labels name each image's class")
+    return manifest
 
 
 def load_distilled(path: str | Path) -> Distilled:

@@ -6,7 +6,7 @@ synthetic union (with DSA), and the loss is ‖w_N − θ*‖² / ‖θ_start �
 through the whole unroll to the *new* stage's images and to α. Earlier stages enter the
 union as constant tensors, so they receive no gradient at all and stay bit-identical.
 
-Three ways to get those gradients (``match(..., unroll=...)``):
+Three ways to get those gradients (``UnrollSpec.mode``):
 
 * ``"full"``: keep the whole second-order graph and call autograd once. Simple, but memory
   grows with ``syn_steps`` × batch × activations (≈ 20 GB at CIFAR shape, 100 images, 50 steps).
@@ -25,8 +25,34 @@ import torch.nn.functional as F
 from pdd_ray.augment import DiffAugment
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
+from pdd_ray.names import UNROLLS
 
-UNROLLS: tuple[str, ...] = ("full", "checkpoint", "tesla")
+
+
+@dataclass
+class MatchProblem:
+    """One matching problem: the student network, the expert segment it must reach (from
+    ``start`` to ``target`` weights), and the synthetic union it trains on: the frozen stages
+    (constants) first, then the new images being learned."""
+
+    flat_model: FlatModel
+    start: torch.Tensor
+    target: torch.Tensor
+    frozen_images: torch.Tensor
+    frozen_labels: torch.Tensor
+    new_images: torch.Tensor
+    new_labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class UnrollSpec:
+    """How the student trains inside one matching step: ``syn_steps`` SGD steps on minibatches
+    of ``batch_syn`` union images with DSA ``dsa``, unrolled in ``mode`` (see the module docstring)."""
+
+    syn_steps: int
+    batch_syn: int
+    dsa: DiffAugment
+    mode: str = "full"
 
 
 @dataclass
@@ -82,32 +108,19 @@ def _normaliser(start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((start - target) ** 2).sum()
 
 
-def unroll_loss(
-    flat_model: FlatModel,
-    start: torch.Tensor,
-    target: torch.Tensor,
-    frozen_images: torch.Tensor,
-    frozen_labels: torch.Tensor,
-    new_images: torch.Tensor,
-    new_labels: torch.Tensor,
-    alpha: torch.Tensor,
-    syn_steps: int,
-    batch_syn: int,
-    dsa: DiffAugment,
-    g: torch.Generator,
-) -> torch.Tensor:
+def unroll_loss(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Generator) -> torch.Tensor:
     """The normalised matching loss with the full differentiable unroll (graph kept in memory)."""
-    images = _union(frozen_images, new_images)
-    labels = _union(frozen_labels, new_labels)
-    w = start.detach().clone().requires_grad_(True)
-    for idx in _device_schedule(images.shape[0], batch_syn, syn_steps, g, images.device):
+    images = _union(p.frozen_images, p.new_images)
+    labels = _union(p.frozen_labels, p.new_labels)
+    w = p.start.detach().clone().requires_grad_(True)
+    for idx in _device_schedule(images.shape[0], spec.batch_syn, spec.syn_steps, g, images.device):
         x = images[idx]
-        if dsa.enabled:
-            x = dsa(x, generator=g)
-        ce = F.cross_entropy(flat_model(w, x), labels[idx])
+        if spec.dsa.enabled:
+            x = spec.dsa(x, generator=g)
+        ce = F.cross_entropy(p.flat_model(w, x), labels[idx])
         (grad,) = torch.autograd.grad(ce, w, create_graph=True)
         w = w - alpha * grad
-    return ((w - target) ** 2).sum() / _normaliser(start, target)
+    return ((w - p.target) ** 2).sum() / _normaliser(p.start, p.target)
 
 
 @dataclass
@@ -205,73 +218,41 @@ def _reverse(
     return grad_x, grad_a
 
 
-def _match_stored(
-    flat_model: FlatModel,
-    start: torch.Tensor,
-    target: torch.Tensor,
-    frozen_images: torch.Tensor,
-    frozen_labels: torch.Tensor,
-    new_images: torch.Tensor,
-    new_labels: torch.Tensor,
-    alpha: torch.Tensor,
-    syn_steps: int,
-    batch_syn: int,
-    dsa: DiffAugment,
-    g: torch.Generator,
-    exact: bool,
-) -> MatchResult:
+def _match_stored(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Generator,
+                  exact: bool) -> MatchResult:
     """``match`` for the memory-bounded modes: stored forward, then the explicit reverse pass."""
-    images = _union(frozen_images.detach(), new_images.detach())
-    labels = _union(frozen_labels, new_labels)
-    schedule = _device_schedule(images.shape[0], batch_syn, syn_steps, g, images.device)
-    steps, w_n = _forward_stored(flat_model, start, images, labels, alpha, schedule, dsa, g)
-    denom = _normaliser(start.detach(), target.detach())
-    diff = w_n - target.detach()
+    images = _union(p.frozen_images.detach(), p.new_images.detach())
+    labels = _union(p.frozen_labels, p.new_labels)
+    schedule = _device_schedule(images.shape[0], spec.batch_syn, spec.syn_steps, g, images.device)
+    steps, w_n = _forward_stored(p.flat_model, p.start, images, labels, alpha, schedule, spec.dsa, g)
+    denom = _normaliser(p.start.detach(), p.target.detach())
+    diff = w_n - p.target.detach()
     loss = (diff**2).sum() / denom
     v = 2.0 * diff / denom  # ∂L/∂w_N in closed form
-    grad_x, grad_a = _reverse(flat_model, steps, v, images, labels, alpha, dsa, exact)
+    grad_x, grad_a = _reverse(p.flat_model, steps, v, images, labels, alpha, spec.dsa, exact)
     # Frozen images were constants: their share of the union's gradient is simply dropped.
-    grad_images = grad_x[frozen_images.shape[0] :] if frozen_images.numel() else grad_x
+    grad_images = grad_x[p.frozen_images.shape[0] :] if p.frozen_images.numel() else grad_x
     return MatchResult(loss=float(loss), grad_images=grad_images, grad_alpha=grad_a.reshape(alpha.shape))
 
 
-def match(
-    flat_model: FlatModel,
-    start: torch.Tensor,
-    target: torch.Tensor,
-    frozen_images: torch.Tensor,
-    frozen_labels: torch.Tensor,
-    new_images: torch.Tensor,
-    new_labels: torch.Tensor,
-    alpha: torch.Tensor,
-    syn_steps: int,
-    batch_syn: int,
-    dsa: DiffAugment,
-    g: torch.Generator,
-    *,
-    unroll: str = "full",
-) -> MatchResult:
-    """Loss and gradients of one outer iteration; ``new_images`` and ``alpha`` must require grad.
+def match(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Generator) -> MatchResult:
+    """Loss and gradients of one outer iteration; ``p.new_images`` and ``alpha`` must require grad.
 
-    ``unroll`` picks how the gradient is computed (see the module docstring). "full" and
+    ``spec.mode`` (the unroll) picks how the gradient is computed (see the module docstring). "full" and
     "checkpoint" give the same numbers (to float rounding) and leave ``g`` in the same state;
     "checkpoint" pays an extra first-order forward/backward per step (about 1.3-1.5x the CPU
     time of "full") for memory that no longer holds every step's activations. "tesla" uses the
     same stored forward and skips only the vector-Hessian products, so it saves memory like
     "checkpoint" but little time, and its image and α gradients are approximate.
     """
+    unroll = spec.mode
     if not isinstance(unroll, str) or unroll not in UNROLLS:
         raise PddError(f"unroll={unroll!r} is not a known unroll mode; expected one of {UNROLLS}")
-    for name, value in (("syn_steps", syn_steps), ("batch_syn", batch_syn)):
+    for name, value in (("syn_steps", spec.syn_steps), ("batch_syn", spec.batch_syn)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PddError(f"{name}={value!r} is invalid; expected an integer >= 1")
     if unroll != "full":
-        return _match_stored(
-            flat_model, start, target, frozen_images, frozen_labels, new_images, new_labels,
-            alpha, syn_steps, batch_syn, dsa, g, exact=unroll == "checkpoint",
-        )
-    loss = unroll_loss(
-        flat_model, start, target, frozen_images, frozen_labels, new_images, new_labels, alpha, syn_steps, batch_syn, dsa, g
-    )
-    grad_images, grad_alpha = torch.autograd.grad(loss, [new_images, alpha])
+        return _match_stored(p, alpha, spec, g, exact=unroll == "checkpoint")
+    loss = unroll_loss(p, alpha, spec, g)
+    grad_images, grad_alpha = torch.autograd.grad(loss, [p.new_images, alpha])
     return MatchResult(loss=float(loss.detach()), grad_images=grad_images, grad_alpha=grad_alpha)

@@ -9,7 +9,7 @@ from pathlib import Path
 from pdd_ray.config import build_config
 from pdd_ray.distill.artifact import load_distilled
 from pdd_ray.errors import PddError
-from pdd_ray.evaluation import eval_sets_of, evaluate_progressive, format_table
+from pdd_ray.evaluation import EvalPlan, RunResources, eval_sets_of, evaluate_progressive, format_table
 from pdd_ray.models import ARCHS
 from pdd_ray.prepare import prepare
 from pdd_ray.runtime import ensure_ray
@@ -37,9 +37,8 @@ def reevaluate_artifact(args: argparse.Namespace) -> int:
     rows, dump = [], {}
     for arch in archs:
         res = evaluate_progressive(
-            "PDD", art.spec.with_arch(arch), art.stages, art.recipe, eval_sets_of(prepared.bundle), runs, cfg.seed,
-            carry_optimizer_state=art.carry_optimizer_state, cpus_per_run=cfg.evaluation.cpus_per_run,
-            gpus_per_run=cfg.evaluation.gpus_per_run, progress=not args.no_progress,
+            "PDD", art.spec.with_arch(arch), art.stages, EvalPlan(art.recipe, runs, cfg.seed, art.carry_optimizer_state),
+            eval_sets_of(prepared.bundle), RunResources.of(cfg.evaluation), progress=not args.no_progress,
         )
         dump[arch] = res.to_dict()
         ipc = 0

@@ -16,13 +16,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
@@ -70,7 +71,7 @@ class StageTask:
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
     progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
-    log_target: Any = None  # pdd_ray.tracking.StageLogTarget: rank 0 logs metrics and images to MLflow
+    record: bool = False  # rank 0 records its metrics and images on ``progress`` for the driver's tracker
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
     image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
     problem_path: str | None = None  # rank 0 writes a non-finite/diverged stop's one-line reason here
@@ -111,17 +112,39 @@ def _all_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def shared_mean(runs: int, score: Callable[[int], float], device: torch.device) -> float:
+    """Mean of ``score(r)`` for r < ``runs``, the runs dealt out over the workers.
+
+    Why: validation trains ``eval_runs`` networks to the end, which at CIFAR or Tiny ImageNet
+    size takes minutes to tens of minutes. Done on rank 0 alone it idles every other rank in
+    the next all-reduce (and can outlast the process-group timeout). Rank i scores the runs
+    r ≡ i (mod world); one all-reduce of the per-run vector (each entry filled by exactly one
+    rank, zeros elsewhere) gives every rank all the scores, so they all select alike. Each
+    run's seed and start depend on r only, so the mean equals a single worker's, bit for bit.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    scores = torch.zeros(runs, dtype=torch.float64, device=device)  # on the group's device (nccl: CUDA)
+    for r in range(rank, runs, world):
+        scores[r] = score(r)
+    if distributed:
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
+    values = scores.tolist()
+    return float(sum(values) / len(values))
+
+
 def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alpha: float, method: BaseMethod,
              union_soft: torch.Tensor | None = None) -> float:
-    """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α.
+    """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α,
+    shared out over the stage's workers (:func:`shared_mean`); every worker calls it.
 
     Networks start from the method's conditioned pool (random inits at stage 1, models already
     trained on S_<k later), so the in-loop check is itself progressive.
     """
     val_x, val_y = ray.get(task.val_ref)
     train_x, train_y = method.decode(task.params, union_x, union_y)
-    accs = []
-    for r in range(task.eval_runs):
+
+    def run(r: int) -> float:
         scores = progressive_run(
             task.spec,
             [StageSet(train_x, train_y, lr=alpha, soft_labels=union_soft)],
@@ -131,8 +154,9 @@ def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alph
             use_gpu=task.use_gpu,
             init_params=method.validation_init(r),
         )
-        accs.append(scores["val"][-1])
-    return float(sum(accs) / len(accs))
+        return scores["val"][-1]
+
+    return shared_mean(task.eval_runs, run, method.device)
 
 
 #: Where each base method's image learning rate is set (for the non-finite error's hint).
@@ -186,174 +210,299 @@ def diverged_problem(task: StageTask, iteration: int, images: torch.Tensor) -> s
             f"lower it and re-run")
 
 
-def _save_checkpoint(state: dict, metrics: dict) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+@dataclass
+class Best:
+    """The best iterate on validation so far: what a finished stage returns."""
+
+    acc: float
+    iteration: int
+    images: torch.Tensor
+    alpha: float
+    soft_labels: torch.Tensor | None = None  # learned logits (DATM), None for hard labels
 
 
-def load_state(checkpoint: ray.train.Checkpoint) -> dict:
-    """A checkpoint's state dict; tensors only, loaded without pickle (``weights_only``)."""
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+@dataclass
+class StageState:
+    """One stage's whole state, as its Ray Train checkpoint (``state.pt``) holds it.
 
+    The one place the checkpoint's dict is encoded and decoded: the worker restores from it,
+    the driver reads the finished stage's best iterate from it. Tensors are on the CPU.
+    """
 
-def stage_worker(config: dict) -> None:
-    """Ray Train ``train_loop_per_worker`` for one stage."""
-    task: StageTask = config["task"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = pick_device(task.use_gpu)
-    torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
-    if task.deterministic:
-        use_deterministic(True)
-    torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
+    iteration: int  # iterations done
+    images: torch.Tensor
+    alpha: torch.Tensor
+    opt_img: dict
+    opt_lr: dict
+    best: Best
+    losses: list[float]
+    val_history: list[tuple[int, float]]
+    done: bool = False
+    soft_labels: torch.Tensor | None = None  # learned logits (DATM) and their optimiser
+    opt_labels: dict | None = None
 
-    method = method_class(task.method)(task, device)
-    new_x = task.init_images.clone().to(device).requires_grad_(True)
-    alpha = torch.tensor(task.lr_init, device=device, requires_grad=True)
-    opt_img = torch.optim.SGD([new_x], lr=task.lr_img, momentum=0.5)
-    opt_lr = torch.optim.SGD([alpha], lr=task.lr_lr, momentum=0.5)
-    alpha_min = ALPHA_FLOOR * task.lr_init
-    soft = task.init_soft_labels is not None
-    new_s = task.init_soft_labels.clone().float().to(device).requires_grad_(True) if soft else None
-    method.soft_labels = new_s
-    opt_lab = torch.optim.SGD([new_s], lr=task.lr_labels, momentum=task.momentum_labels) if soft else None
-
-    def alpha_now() -> float:
-        """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
-        tensor would round 0.01 to 0.009999999776)."""
-        return float(alpha.detach()) if method.learns_alpha else float(task.lr_init)
-
-    start_it = 0
-    best = {"acc": -1.0, "iteration": -1, "images": new_x.detach().cpu().clone(), "alpha": float(task.lr_init),
-            "soft_labels": new_s.detach().cpu().clone() if soft else None}
-    losses: list[float] = []
-    val_history: list[tuple[int, float]] = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        s = load_state(checkpoint)
-        with torch.no_grad():
-            new_x.copy_(s["images"].to(device))
-            alpha.copy_(s["alpha"].to(device))
-        opt_img.load_state_dict(s["opt_img"])
-        opt_lr.load_state_dict(s["opt_lr"])
-        start_it = int(s["iteration"])
-        best = {"acc": float(s["best_acc"]), "iteration": int(s["best_iteration"]),
-                "images": s["best_images"], "alpha": float(s["best_alpha"]), "soft_labels": None}
-        if soft:
-            with torch.no_grad():
-                new_s.copy_(s["soft_labels"].to(device))
-            opt_lab.load_state_dict(s["opt_labels"])
-            best["soft_labels"] = s["best_soft_labels"]
-        losses = s["losses"].tolist()
-        val_history = [(int(i), float(a)) for i, a in s["val_history"].tolist()]
-
-    def state(iteration: int, done: bool = False) -> dict:
-        labels = ({"soft_labels": new_s.detach().cpu().clone(), "opt_labels": opt_lab.state_dict(),
-                   "best_soft_labels": best["soft_labels"]} if soft else {})
+    def to_checkpoint(self) -> dict:
+        """The checkpoint dict (tensors and plain values only, so it loads without pickle)."""
+        labels = ({"soft_labels": self.soft_labels, "opt_labels": self.opt_labels,
+                   "best_soft_labels": self.best.soft_labels} if self.soft_labels is not None else {})
         return {
             **labels,
-            "iteration": iteration,
-            "images": new_x.detach().cpu().clone(),
-            "alpha": alpha.detach().cpu().clone(),
-            "opt_img": opt_img.state_dict(),
-            "opt_lr": opt_lr.state_dict(),
-            "best_acc": best["acc"],
-            "best_iteration": best["iteration"],
-            "best_images": best["images"],
-            "best_alpha": best["alpha"],
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "val_history": torch.tensor(val_history, dtype=torch.float64).reshape(-1, 2),
-            "done": done,
+            "iteration": self.iteration,
+            "images": self.images,
+            "alpha": self.alpha,
+            "opt_img": self.opt_img,
+            "opt_lr": self.opt_lr,
+            "best_acc": self.best.acc,
+            "best_iteration": self.best.iteration,
+            "best_images": self.best.images,
+            "best_alpha": self.best.alpha,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "val_history": torch.tensor(self.val_history, dtype=torch.float64).reshape(-1, 2),
+            "done": self.done,
         }
 
-    logger = None
-    if rank == 0 and task.log_target is not None:
-        from pdd_ray.tracking import StageLogger
+    @classmethod
+    def from_checkpoint(cls, s: dict) -> StageState:
+        """The inverse of :meth:`to_checkpoint`."""
+        soft = "soft_labels" in s
+        best = Best(float(s["best_acc"]), int(s["best_iteration"]), s["best_images"], float(s["best_alpha"]),
+                    s["best_soft_labels"] if soft else None)
+        return cls(iteration=int(s["iteration"]), images=s["images"], alpha=s["alpha"], opt_img=s["opt_img"],
+                   opt_lr=s["opt_lr"], best=best, losses=s["losses"].tolist(),
+                   val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
+                   done=bool(s.get("done", False)), soft_labels=s.get("soft_labels"), opt_labels=s.get("opt_labels"))
 
-        logger = StageLogger(task.log_target)
+    @classmethod
+    def load(cls, checkpoint: ray.train.Checkpoint) -> StageState:
+        """A Ray Train checkpoint's state, loaded without pickle (``weights_only``)."""
+        with checkpoint.as_directory() as d:
+            return cls.from_checkpoint(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
 
-    val_acc = val_history[-1][1] if val_history else float("nan")
-    evaluated = {i for i, _ in val_history}  # a finished stage's final checkpoint already holds its last row
-    for it in range(start_it, task.iterations + 1):
-        if (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
-            if rank == 0:
-                union_x = torch.cat([task.frozen_images, new_x.detach().cpu()])
-                union_y = torch.cat([task.frozen_labels, task.new_labels])
-                union_s = torch.cat([task.frozen_soft_labels, new_s.detach().cpu()]) if soft else None
-                val_acc = validate(task, union_x, union_y, alpha_now(), method, union_s)
-                val_history.append((it, val_acc))
-                if task.progress is not None:
-                    task.progress.update.remote(val_acc=val_acc)
-                if logger is not None:
-                    logger.metrics(it, val_acc=val_acc)
-                    logger.images(it, new_x.detach().cpu(), task.new_labels)
-                if val_acc > best["acc"]:
-                    best = {"acc": val_acc, "iteration": it, "images": new_x.detach().cpu().clone(), "alpha": alpha_now(),
-                            "soft_labels": new_s.detach().cpu().clone() if soft else None}
-        if it == task.iterations:
-            break
-        if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
-            if not os.path.exists(task.fail_marker):
-                Path(task.fail_marker).write_text(str(it))
-                raise RuntimeError(f"injected failure at iteration {it}")
+    def report(self, metrics: dict) -> None:
+        """``ray.train.report`` the metrics with this state as the checkpoint (rank 0 only)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(self.to_checkpoint(), Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-        g = iteration_generator(task.seed, task.stage, it, rank)
-        res = method.update(it, rank, new_x, alpha, g)
+
+class StageRun:
+    """One worker's live stage: the new images, α and soft labels with their optimisers, the
+    best iterate and the history. Every worker steps identically (on all-reduced gradients)."""
+
+    def __init__(self, task: StageTask, rank: int, device: torch.device) -> None:
+        self.task, self.rank, self.device = task, rank, device
+        self.method = method_class(task.method)(task, device)
+        self.images = task.init_images.clone().to(device).requires_grad_(True)
+        self.alpha = torch.tensor(task.lr_init, device=device, requires_grad=True)
+        self.opt_img = torch.optim.SGD([self.images], lr=task.lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self.alpha], lr=task.lr_lr, momentum=0.5)
+        self.soft = task.init_soft_labels is not None
+        self.labels = task.init_soft_labels.clone().float().to(device).requires_grad_(True) if self.soft else None
+        self.method.soft_labels = self.labels
+        self.opt_labels = (torch.optim.SGD([self.labels], lr=task.lr_labels, momentum=task.momentum_labels)
+                           if self.soft else None)
+        self.start = 0
+        self.best = Best(-1.0, -1, self.images.detach().cpu().clone(), float(task.lr_init),
+                         self.labels.detach().cpu().clone() if self.soft else None)
+        self.losses: list[float] = []
+        self.val_history: list[tuple[int, float]] = []
+
+    def alpha_now(self) -> float:
+        """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
+        tensor would round 0.01 to 0.009999999776)."""
+        return float(self.alpha.detach()) if self.method.learns_alpha else float(self.task.lr_init)
+
+    def restore(self, state: StageState) -> None:
+        """Continue from a checkpoint: the same tensors, optimiser moments and history."""
+        with torch.no_grad():
+            self.images.copy_(state.images.to(self.device))
+            self.alpha.copy_(state.alpha.to(self.device))
+        self.opt_img.load_state_dict(state.opt_img)
+        self.opt_lr.load_state_dict(state.opt_lr)
+        self.start = state.iteration
+        self.best = state.best
+        if self.soft:
+            with torch.no_grad():
+                self.labels.copy_(state.soft_labels.to(self.device))
+            self.opt_labels.load_state_dict(state.opt_labels)
+        self.losses = state.losses
+        self.val_history = state.val_history
+
+    def state(self, iteration: int, done: bool = False) -> StageState:
+        """A snapshot of the live state (CPU copies)."""
+        return StageState(
+            iteration=iteration, images=self.images.detach().cpu().clone(), alpha=self.alpha.detach().cpu().clone(),
+            opt_img=self.opt_img.state_dict(), opt_lr=self.opt_lr.state_dict(), best=self.best,
+            losses=self.losses, val_history=self.val_history, done=done,
+            soft_labels=self.labels.detach().cpu().clone() if self.soft else None,
+            opt_labels=self.opt_labels.state_dict() if self.soft else None,
+        )
+
+    def validate(self, it: int) -> float:
+        """Rank 0: validation accuracy of the union now; keeps the best iterate."""
+        task = self.task
+        union_x = torch.cat([task.frozen_images, self.images.detach().cpu()])
+        union_y = torch.cat([task.frozen_labels, task.new_labels])
+        union_s = torch.cat([task.frozen_soft_labels, self.labels.detach().cpu()]) if self.soft else None
+        val_acc = validate(task, union_x, union_y, self.alpha_now(), self.method, union_s)
+        self.val_history.append((it, val_acc))
+        if val_acc > self.best.acc:
+            self.best = Best(val_acc, it, self.images.detach().cpu().clone(), self.alpha_now(),
+                             self.labels.detach().cpu().clone() if self.soft else None)
+        return val_acc
+
+    def step(self, it: int) -> tuple[str | None, torch.Tensor, torch.Tensor]:
+        """One iteration: the method's gradient, all-reduced, then the optimiser steps.
+
+        Returns (the non-finite or divergence problem or None, the averaged loss, the averaged
+        image gradient); with a problem before the step, nothing was changed.
+        """
+        task, device, soft = self.task, self.device, self.soft
+        g = iteration_generator(task.seed, task.stage, it, self.rank)
+        res = self.method.update(it, self.rank, self.images, self.alpha, g)
         grad_a = res.grad_alpha.reshape(1) if res.grad_alpha is not None else torch.zeros(1, device=device)
         averaged = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)]
                                 + ([res.grad_labels] if soft else []))  # labels' gradients averaged like the images'
         grad_x, grad_a, loss_t = averaged[:3]
         problem = nonfinite_problem(task, it, loss=loss_t, grad_images=grad_x, grad_alpha=grad_a,
                                     grad_labels=averaged[3] if soft else None)
-        if problem is None:
-            new_x.grad = grad_x.contiguous()
-            opt_img.step()
-            if soft:
-                new_s.grad = averaged[3].contiguous()
-                opt_lab.step()
+        if problem is not None:
+            return problem, loss_t, grad_x
+        self.images.grad = grad_x.contiguous()
+        self.opt_img.step()
+        if soft:
+            self.labels.grad = averaged[3].contiguous()
+            self.opt_labels.step()
+        with torch.no_grad():
+            self.method.project(self.images)
+        if self.method.learns_alpha:
+            self.alpha.grad = grad_a.reshape(())
+            self.opt_lr.step()
             with torch.no_grad():
-                method.project(new_x)
-            if method.learns_alpha:
-                alpha.grad = grad_a.reshape(())
-                opt_lr.step()
-                with torch.no_grad():
-                    alpha.clamp_(min=alpha_min)
-            problem = (nonfinite_problem(task, it, images=new_x.detach(), alpha=alpha.detach(),
-                                         soft_labels=new_s.detach() if soft else None)
-                       or diverged_problem(task, it, new_x))
-        if problem is not None:  # stop without a checkpoint: the latest one is the last finite state
-            if logger is not None:
-                logger.flush()
-            if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
-                tmp = f"{task.problem_path}.tmp-{os.getpid()}"  # metrics reported without checkpoints)
-                Path(tmp).write_text(problem)
-                os.replace(tmp, task.problem_path)
-            ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
-            return
-        losses.append(float(loss_t))
-        if rank == 0 and task.progress is not None:
-            task.progress.update.remote(iteration=it + 1, loss=losses[-1], alpha=alpha_now())
-        if logger is not None:
-            logger.metrics(it + 1, loss=losses[-1], alpha=alpha_now(), grad_norm=float(grad_x.norm()))
+                self.alpha.clamp_(min=ALPHA_FLOOR * task.lr_init)
+        problem = (nonfinite_problem(task, it, images=self.images.detach(), alpha=self.alpha.detach(),
+                                     soft_labels=self.labels.detach() if soft else None)
+                   or diverged_problem(task, it, self.images))
+        return problem, loss_t, grad_x
 
+
+def _setup_worker(task: StageTask, rank: int) -> torch.device:
+    """Threads, determinism and the torch seed of this worker; returns its device."""
+    device = pick_device(task.use_gpu)
+    torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
+    if task.deterministic:
+        use_deterministic(True)
+    torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
+    return device
+
+
+def _maybe_inject_failure(task: StageTask, it: int, rank: int) -> None:
+    """Test hook (``FAIL_AT_ENV``): rank 0 raises once at ``task.fail_at``; the marker file
+    makes the restarted worker go on."""
+    if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
+        if not os.path.exists(task.fail_marker):
+            Path(task.fail_marker).write_text(str(it))
+            raise RuntimeError(f"injected failure at iteration {it}")
+
+
+def _stop(task: StageTask, rank: int, it: int, problem: str, recorder: _Recorder | None) -> None:
+    """Stop the stage without a checkpoint (the latest one is the last finite state)."""
+    if recorder is not None:
+        recorder.flush()
+    if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
+        write_text_atomic(Path(task.problem_path), problem)  # metrics reported without checkpoints)
+    ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
+
+
+def _report(run: StageRun, recorder: _Recorder | None, iteration: int, metrics: dict, done: bool = False) -> None:
+    """Report ``metrics``; rank 0 with the state as a checkpoint, the others without."""
+    if run.rank == 0:
+        if recorder is not None:
+            recorder.flush()
+        run.state(iteration, done=done).report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+class _Recorder:
+    """Rank 0's metrics and images, recorded on the progress actor for the driver to log.
+
+    Calls from one worker to one actor run in order, so waiting for the last one
+    (:meth:`flush`, before every report) means every earlier record has arrived.
+    """
+
+    def __init__(self, board) -> None:
+        self.board = board
+        self.last = None
+
+    def metrics(self, step: int, **values: float) -> None:
+        self.last = self.board.record.remote("metrics", step, values)
+
+    def images(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.last = self.board.record.remote("images", step, (images, labels))
+
+    def flush(self) -> None:
+        if self.last is not None:
+            ray.get(self.last)
+            self.last = None
+
+
+def _stage_recorder(task: StageTask, rank: int) -> _Recorder | None:
+    """Rank 0's recorder when the run is tracked, else None."""
+    if rank != 0 or not task.record or task.progress is None:
+        return None
+    return _Recorder(task.progress)
+
+
+def stage_worker(config: dict) -> None:
+    """Ray Train ``train_loop_per_worker`` for one stage.
+
+    Restore from the latest checkpoint; then per iteration: validate (every ``eval_every`` and
+    at the end, the networks shared out over the ranks), step on the all-reduced gradient, report, and checkpoint
+    every ``checkpoint_every``. A non-finite value stops every worker without a checkpoint.
+    """
+    task: StageTask = config["task"]
+    rank = ray.train.get_context().get_world_rank()
+    run = StageRun(task, rank, _setup_worker(task, rank))
+    try:
+        _stage_loop(task, rank, run)
+    finally:
+        run.method.close()  # the conditioning networks' open store files (up to one per expert)
+
+
+def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
+    """:func:`stage_worker`'s loop, from the restore to the final report."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        run.restore(StageState.load(checkpoint))
+    recorder = _stage_recorder(task, rank)
+    val_acc = run.val_history[-1][1] if run.val_history else float("nan")
+    evaluated = {i for i, _ in run.val_history}  # a finished stage's final checkpoint already holds its last row
+    for it in range(run.start, task.iterations + 1):
+        if (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
+            val_acc = run.validate(it)  # every rank trains its share of the validation networks
+            if rank == 0 and task.progress is not None:
+                task.progress.update.remote(val_acc=val_acc)
+            if recorder is not None:
+                recorder.metrics(it, val_acc=val_acc)
+                recorder.images(it, run.images.detach().cpu().clone(), task.new_labels)
+        if it == task.iterations:
+            break
+        _maybe_inject_failure(task, it, rank)
+        problem, loss_t, grad_x = run.step(it)
+        if problem is not None:
+            _stop(task, rank, it, problem, recorder)
+            return
+        run.losses.append(float(loss_t))
+        if rank == 0 and task.progress is not None:
+            task.progress.update.remote(iteration=it + 1, loss=run.losses[-1], alpha=run.alpha_now())
+        if recorder is not None:
+            recorder.metrics(it + 1, loss=run.losses[-1], alpha=run.alpha_now(), grad_norm=float(grad_x.norm()))
         done_it = it + 1
         if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
-            metrics = {"iteration": done_it, "loss": losses[-1], "alpha": alpha_now(),
-                       "grad_norm": float(grad_x.norm()), "val_acc": val_acc, "best_val_acc": best["acc"]}
-            if rank == 0:
-                if logger is not None:
-                    logger.flush()
-                _save_checkpoint(state(done_it), metrics)
-            else:
-                ray.train.report(metrics, checkpoint=None)
-
-    final = {"iteration": task.iterations, "loss": losses[-1] if losses else float("nan"), "alpha": alpha_now(),
-             "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": best["acc"]}
-    if rank == 0:
-        if logger is not None:
-            logger.flush()
-        _save_checkpoint(state(task.iterations, done=True), final)
-    else:
-        ray.train.report(final, checkpoint=None)
+            _report(run, recorder, done_it, {"iteration": done_it, "loss": run.losses[-1], "alpha": run.alpha_now(),
+                                           "grad_norm": float(grad_x.norm()), "val_acc": val_acc,
+                                           "best_val_acc": run.best.acc})
+    final = {"iteration": task.iterations, "loss": run.losses[-1] if run.losses else float("nan"),
+             "alpha": run.alpha_now(), "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": run.best.acc}
+    _report(run, recorder, task.iterations, final, done=True)

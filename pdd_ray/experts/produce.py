@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ray
 import torch
@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from pdd_ray.config import PddConfig
 from pdd_ray.errors import PddError
 from pdd_ray.experts.store import TrajectoryStore, store_key
-from pdd_ray.experts.trajectory import Warmup, load_start_params, record_trajectory
-from pdd_ray.forgetting import aggregate, forgetting_counts, kept_indices, read_counts, scatter, write_counts
+from pdd_ray.experts.trajectory import RealSplits, Warmup, load_start_params, record_trajectory
+from pdd_ray.forgetting import forgetting_counts, scatter, write_counts
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.prepare import Prepared
@@ -42,7 +42,7 @@ class ExpertJob:
     meta: dict
     init_from: tuple[str, int] | None = None  # (store key, expert index): start from its row 0
     warmup: Warmup | None = None
-    pool: torch.Tensor | None = None  # indices into the real training set; None = all of it
+    real_indices: torch.Tensor | None = None  # indices into the real training set; None = all of it
 
 
 def expert_recipe(cfg: PddConfig) -> TrainRecipe:
@@ -142,20 +142,22 @@ class ExpertWorker:
         self.store = TrajectoryStore(store_root)
         self.use_gpu = use_gpu
 
-    def run(self, job: ExpertJob) -> dict:
+    def run(self, job: ExpertJob, **shared: object) -> dict:
+        """Train and store one expert. ``shared`` holds the job's large fields that the jobs of a
+        transition have in common (:func:`shared_fields`): passed as object refs in keyword
+        arguments, which Ray resolves from the object store, where each was put once."""
+        if shared:
+            job = replace(job, **shared)
         init = None
         if job.init_from is not None:
             with self.store.open(*job.init_from) as reader:
                 init = load_start_params(reader.params(0))
         train_x, train_y = self.data["train_x"], self.data["train_y"]
-        if job.pool is not None:
-            train_x, train_y = train_x[job.pool], train_y[job.pool]
+        if job.real_indices is not None:
+            train_x, train_y = train_x[job.real_indices], train_y[job.real_indices]
         traj = record_trajectory(
             self.spec,
-            train_x,
-            train_y,
-            self.data["val_x"],
-            self.data["val_y"],
+            RealSplits(train_x, train_y, self.data["val_x"], self.data["val_y"]),
             job.recipe,
             job.seed,
             job.keep_epochs,
@@ -171,11 +173,37 @@ class ExpertWorker:
             "final_val_acc": traj.final_val_acc,
         }
         # counts first: a complete trajectory file then always has its counts beside it
-        counts = scatter(forgetting_counts(traj.correct), job.pool, self.data["train_x"].shape[0])
+        counts = scatter(forgetting_counts(traj.correct), job.real_indices, self.data["train_x"].shape[0])
         write_counts(self.store, job.key, job.index, counts, job.recipe.epochs)
         self.store.write(job.key, job.index, traj.params, meta, epochs=traj.epochs)
         return {"index": job.index, "final_val_acc": traj.final_val_acc, "final_train_acc": traj.final_train_acc,
                 "real_examples": int(train_x.shape[0])}
+
+
+#: ExpertJob fields that many jobs share (a transition's union, its real-example indices): sent
+#: through the object store once, not serialised into every job.
+SHARED_FIELDS = ("warmup", "real_indices")
+
+
+def shared_fields(jobs: list[ExpertJob]) -> list[tuple[ExpertJob, dict]]:
+    """Each job stripped of its shared fields, with object refs to put back in the worker.
+
+    Why: at Tiny ImageNet IPC 50 the union a transition's experts warm up on is ~393 MB; inline
+    in each of 100 jobs that is ~39 GB through the object store. Equal objects (the same Python
+    object, as ``transition_jobs`` builds them) are put once and every job gets the same ref.
+    """
+    refs: dict[int, ray.ObjectRef] = {}
+    out = []
+    for job in jobs:
+        shared = {}
+        for name in SHARED_FIELDS:
+            value = getattr(job, name)
+            if value is not None:
+                if id(value) not in refs:
+                    refs[id(value)] = ray.put(value)
+                shared[name] = refs[id(value)]
+        out.append((replace(job, **{name: None for name in shared}), shared))
+    return out
 
 
 def missing_jobs(store: TrajectoryStore, jobs: list[ExpertJob]) -> list[ExpertJob]:
@@ -256,13 +284,13 @@ def _produce_locked(store: TrajectoryStore, jobs: list[ExpertJob], prepared: Pre
         )
         for _ in range(size)
     ]
-    pool = ActorPool(actors)
+    actor_pool = ActorPool(actors)
     summaries = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="expert", disable=not progress)
     t0, present = time.perf_counter(), len(jobs) - len(todo)
     progress_log.info("%s: %d/%d present, training %d on %d actors", desc, present, len(jobs), len(todo), size)
     try:
-        for summary in pool.map_unordered(lambda a, job: a.run.remote(job), todo):
+        for summary in actor_pool.map_unordered(lambda a, js: a.run.remote(js[0], **js[1]), shared_fields(todo)):
             summaries.append(summary)
             bar.set_postfix(val_acc=f"{summary['final_val_acc'] * 100:.1f}%")
             bar.update(1)
@@ -284,46 +312,6 @@ def stage1_experts(cfg: PddConfig, prepared: Prepared, progress: bool = True, on
     jobs = stage1_jobs(cfg, prepared)
     summaries = produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, "experts", progress, on_done)
     return jobs[0].key, summaries
-
-
-def real_pool(cfg: PddConfig, prepared: Prepared, stage: int) -> torch.Tensor | None:
-    """Indices into ``prepared.bundle.train_x`` that stage ``stage`` uses as real data; None = all.
-
-    From ``distill.discard_from_stage`` on, each class's ``floor(distill.discard_fraction * n_c)``
-    examples with the fewest forgetting events, summed over the config's stage-1 experts (which
-    must exist), are left out, keeping at least ``distill.discard_min_per_class`` per class
-    (:mod:`pdd_ray.forgetting`). Deterministic for a seed, so every
-    stage and every call sees the same sorted subset.
-    """
-    d = cfg.distill
-    if d.discard_fraction == 0 or stage < d.discard_from_stage:
-        return None
-    store = TrajectoryStore(expert_store_root(cfg))
-    key = stage1_key(cfg, prepared)
-    n = prepared.bundle.train_x.shape[0]
-    counts = []
-    for j in range(cfg.experts.num_experts):
-        if not store.exists(key, j):
-            raise PddError(f"distill.discard_fraction needs the stage-1 experts' forgetting counts, but expert {j} "
-                           f"is missing under {store.root}/{key}; run `pdd-ray experts` first")
-        c = read_counts(store, key, j)
-        if c is None:
-            raise PddError(f"distill.discard_fraction = {d.discard_fraction} needs forgetting counts, but the stage-1 "
-                           f"experts in {store.root}/{key} predate them; re-run the experts with a fresh store "
-                           "(a new experts.storage, or delete that folder)")
-        if c.shape[0] != n:
-            raise PddError(f"forgetting counts of expert {j} in {store.root}/{key} cover {c.shape[0]} examples, "
-                           f"the training set has {n}; delete that folder and re-run `pdd-ray experts`")
-        counts.append(c)
-    kept = kept_indices(aggregate(counts), d.discard_fraction, derive_seed(cfg.seed, "forgetting-ties"),
-                        labels=prepared.bundle.train_y.numpy(), min_per_class=d.discard_min_per_class)
-    return torch.from_numpy(kept)
-
-
-def real_examples(cfg: PddConfig, prepared: Prepared, stage: int) -> int:
-    """How many real training examples stage ``stage`` uses (the size of :func:`real_pool`)."""
-    pool = real_pool(cfg, prepared, stage)
-    return int(prepared.bundle.train_x.shape[0] if pool is None else pool.shape[0])
 
 
 def expert_store_root(cfg: PddConfig) -> str:

@@ -39,12 +39,19 @@ class Warmup:
     recipe: TrainRecipe
 
 
+@dataclass
+class RealSplits:
+    """The real examples an expert trains on and the validation split it is scored on."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
 def record_trajectory(
     spec: ModelSpec,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
+    data: RealSplits,
     recipe: TrainRecipe,
     seed: int,
     keep_epochs: int,
@@ -61,6 +68,7 @@ def record_trajectory(
     whether each training example was classified correctly in its minibatch's training
     forward pass (``Trajectory.correct``, for forgetting scores); the warm-up is not recorded.
     """
+    train_x, train_y, val_x, val_y = data.train_x, data.train_y, data.val_x, data.val_y
     device = pick_device(use_gpu)
     model = build_seeded(spec, derive_seed(seed, "init")).to(device)
     flat = FlatModel(model)

@@ -6,7 +6,7 @@ a flat parameter vector, as trajectory matching needs.
 
 from __future__ import annotations
 
-from pdd_ray.models.convnet import NORMS, POOLINGS
+from pdd_ray.names import NORMS, POOLINGS
 from pdd_ray.models.factory import ARCHS, build_model, check_model_fits, default_depth
 from pdd_ray.models.functional import FlatModel
 

@@ -9,8 +9,9 @@ average pool to 1x1 replaces the size-dependent flatten, so the classifier is al
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from pdd_ray.models.head import PooledClassifier
 
 # (out_channels, kernel, padding, pool_after)
 ALEXNET_CFG: tuple[tuple[int, int, int, bool], ...] = (
@@ -22,7 +23,7 @@ ALEXNET_CFG: tuple[tuple[int, int, int, bool], ...] = (
 )
 
 
-class AlexNet(nn.Module):
+class AlexNet(PooledClassifier):
     """Five ReLU convs with up to three max-pools, global average pooling, a linear head."""
 
     def __init__(self, channels: int, num_classes: int, image_size: int) -> None:
@@ -35,13 +36,4 @@ class AlexNet(nn.Module):
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 side //= 2
             in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(in_ch, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier's input (pooled, flattened features)."""
-        return torch.flatten(self.pool(self.features(x)), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, in_ch, num_classes)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORMS: tuple[str, ...] = ("instance", "batch", "none")
-POOLINGS: tuple[str, ...] = ("avg", "max")
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:

@@ -13,12 +13,11 @@ from torch import nn
 
 from pdd_ray.errors import PddError
 from pdd_ray.models.alexnet import AlexNet
-from pdd_ray.models.convnet import NORMS, POOLINGS, ConvNet
+from pdd_ray.models.convnet import ConvNet
 from pdd_ray.models.resnet import ResNet18
 from pdd_ray.models.vgg import VGG11
+from pdd_ray.names import ARCHS, MIN_IMAGE_SIZE, NORMS, POOLINGS, max_convnet_depth
 
-ARCHS: tuple[str, ...] = ("convnet", "resnet18", "vgg11", "alexnet")
-MIN_IMAGE_SIZE = 8
 
 
 def _is_int(value: object) -> bool:
@@ -68,7 +67,7 @@ def check_model_fits(arch: str, image_size: int, depth: int | None = None) -> No
     _check_image_size(image_size)
     if arch != "convnet" or depth is None:
         return
-    max_depth = int(math.floor(math.log2(image_size)))
+    max_depth = max_convnet_depth(image_size)
     if not _is_int(depth) or not 1 <= depth <= max_depth:  # type: ignore[operator]
         raise PddError(
             f"convnet depth {depth!r} does not fit {image_size}x{image_size} images: "

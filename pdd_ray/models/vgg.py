@@ -9,16 +9,16 @@ applies after every conv.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from pdd_ray.models.convnet import make_norm
+from pdd_ray.models.head import PooledClassifier
 
 # Numbers are 3x3 conv output channels; "M" is a 2x2 stride-2 max-pool.
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(PooledClassifier):
     """VGG-11 features (conv + norm + ReLU, max-pools where they fit) and a linear head."""
 
     def __init__(self, channels: int, num_classes: int, image_size: int, norm: str) -> None:
@@ -39,13 +39,4 @@ class VGG11(nn.Module):
                     nn.ReLU(inplace=True),
                 ]
                 in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(in_ch, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier's input (pooled, flattened features)."""
-        return torch.flatten(self.pool(self.features(x)), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, in_ch, num_classes)

@@ -5,8 +5,9 @@ freezing S_<k, the image optimiser, the gradient all-reduce across Ray Train wor
 validation-based selection, checkpoints and resume, artifacts, tracking and evaluation — is
 shared (``pdd_ray.distill.stage`` and ``pdd_ray.distill.driver``). A method only says how one
 outer iteration turns the current new images into a gradient, plus a few static facts the
-driver needs to prepare its inputs. Adding a method means one module here, one entry in
-``METHODS`` (``__init__.py``) and, if it has settings, one config section.
+driver needs to prepare its inputs. Adding a method means one module here, its name in
+``pdd_ray.names.METHODS``, its class in ``METHODS`` (``__init__.py``; ``tests/test_names.py``
+checks the two agree) and, if it has settings, one config section.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class ConditionedPool:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def close(self) -> None:
+        """Close the members' store files: a worker opens up to one per expert, and on a
+        long-lived Ray worker process they would otherwise stay open (memory maps, or remote
+        file handles with ``s3://``) after the stage."""
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            reader.close()
 
     def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
         """Flat parameters of pool member ``index`` after ``epoch`` recorded epochs."""
@@ -150,6 +159,11 @@ class BaseMethod(ABC):
 
     def project(self, images: torch.Tensor) -> None:
         """In-place constraint applied after every image step (IDC clamps to the pixel range)."""
+
+    def close(self) -> None:
+        """Release what the method holds open (the conditioning pool's files); the stage
+        worker calls it when the stage ends, however it ends."""
+        self.pool.close()
 
     def validation_init(self, run: int) -> torch.Tensor | None:
         """Starting weights of in-loop validation run ``run``: a conditioned pool member, so

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pdd_ray.distill.match import match, unroll_loss
+from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, unroll_loss
 from pdd_ray.distill.methods.base import Update
 from pdd_ray.distill.methods.mtt import MttMethod
 from pdd_ray.seeding import derive_seed, generator
@@ -131,11 +131,13 @@ class DatmMethod(MttMethod):
         start = self.pool.params(pick, t, self.device)
         target = self.pool.params(pick, t + p["expert_epochs"], self.device)
         if self.soft_labels is None:  # hard labels: exactly MTT's matching
-            res = match(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y, alpha,
-                        p["syn_steps"], p["batch_syn"], self.dsa, g, unroll=p["unroll"])
+            problem = MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images,
+                                   self.new_y)
+            res = match(problem, alpha, UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa, p["unroll"]), g)
             return Update(res.loss, res.grad_images, res.grad_alpha)
         frozen_t = self.frozen_t if self.frozen_t is not None else soft_targets(self.soft_labels.detach())[:0]
-        loss = unroll_loss(self.flat_model, start, target, self.frozen_x, frozen_t, new_images,
-                           soft_targets(self.soft_labels), alpha, p["syn_steps"], p["batch_syn"], self.dsa, g)
+        problem = MatchProblem(self.flat_model, start, target, self.frozen_x, frozen_t, new_images,
+                               soft_targets(self.soft_labels))
+        loss = unroll_loss(problem, alpha, UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa), g)
         gx, ga, gy = torch.autograd.grad(loss, [new_images, alpha, self.soft_labels])
         return Update(float(loss.detach()), gx, ga, gy)

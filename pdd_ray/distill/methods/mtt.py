@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import match
+from pdd_ray.distill.match import MatchProblem, UnrollSpec, match
 from pdd_ray.distill.methods.base import BaseMethod, Update
 from pdd_ray.models import FlatModel
 
@@ -47,6 +47,6 @@ class MttMethod(BaseMethod):
         t = int(torch.randint(p["max_start_epoch"], (1,), generator=g))
         start = self.pool.params(pick, t, self.device)
         target = self.pool.params(pick, t + p["expert_epochs"], self.device)
-        res = match(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y, alpha,
-                    p["syn_steps"], p["batch_syn"], self.dsa, g, unroll=p["unroll"])
+        problem = MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y)
+        res = match(problem, alpha, UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa, p["unroll"]), g)
         return Update(res.loss, res.grad_images, res.grad_alpha)

@@ -1,4 +1,4 @@
-"""The run key (``driver.run_key``) changes exactly when a setting the cached results consume changes.
+"""The run key (``identity.run_key``) changes exactly when a setting the cached results consume changes.
 
 Finished stages, Ray Train checkpoints and transition experts live under the run directory,
 so a key that ignores a consumed setting silently reuses stale stages (the bug this guards:
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pdd_ray.config import load_config
-from pdd_ray.distill.driver import run_dir, run_key
+from pdd_ray.distill.identity import run_dir, run_key
 
 #: Settings that alter the distilled images (directly or through selection / conditioning).
 CONSUMED = {
@@ -71,6 +71,7 @@ NOT_CONSUMED = {
     "experts.storage": "experts.storage=/tmp/h15-experts",
     "distill.checkpoint_every": "distill.checkpoint_every=7",
     "distill.max_failures": "distill.max_failures=5",
+    "distill.collective_timeout_s": "distill.collective_timeout_s=600",
     "distill.discard_from_stage": "distill.discard_from_stage=3",  # not read while discard_fraction = 0
     "distill.discard_min_per_class": "distill.discard_min_per_class=5",  # ditto
     "evaluation.runs": "evaluation.runs=3",
@@ -93,6 +94,7 @@ NOT_CONSUMED = {
 
 #: Settings deliberately not perturbed here (changing them needs other data or hardware).
 UNTESTED = {"data.dataset", "data.root", "data.image_size", "model.arch", "model.depth", "distill.method", "distill.use_gpu",
+            "distill.gpus_per_worker",
             "experts.gpus", "evaluation.gpus_per_run"}
 
 
@@ -141,7 +143,7 @@ def test_every_config_field_is_classified():
     leaves |= {s for s, sec in d.items() if not isinstance(sec, dict)}
     leaves = {f for f in leaves if f.split(".")[0] not in ("dm", "idc", "datm")}  # see test_method_sections_...
     missing = leaves - set(CONSUMED) - set(NOT_CONSUMED) - UNTESTED
-    assert not missing, f"classify these settings in tests/test_run_key.py: {sorted(missing)}"
+    assert not missing, f"classify these settings in tests/distill/test_run_key.py: {sorted(missing)}"
 
 
 def test_run_dir_follows_the_key(tmp_path):

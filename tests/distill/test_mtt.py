@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import match, minibatch_schedule, unroll_loss
+from pdd_ray.errors import PddError
+from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, minibatch_schedule, unroll_loss
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import generator
@@ -47,7 +49,7 @@ def test_loss_matches_a_direct_mtt_unroll():
     fm, start, target, _, _, new_x, new_y, alpha = _setup(n_frozen=0)
     empty_x, empty_y = new_x[:0].detach(), new_y[:0]
     dsa = DiffAugment("none")
-    loss = unroll_loss(fm, start, target, empty_x, empty_y, new_x, new_y, alpha, 4, 3, dsa, generator(5))
+    loss = unroll_loss(MatchProblem(fm, start, target, empty_x, empty_y, new_x, new_y), alpha, UnrollSpec(4, 3, dsa), generator(5))
 
     # reference: same minibatch order (batch 3 == all images, so order only permutes), module-based steps
     w = start.clone().requires_grad_(True)
@@ -59,15 +61,14 @@ def test_loss_matches_a_direct_mtt_unroll():
     ref = ((w - target) ** 2).sum() / ((start - target) ** 2).sum()
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
     # zero steps' worth of learning (alpha = 0) leaves the student at the start: loss exactly 1
-    zero = unroll_loss(fm, start, target, empty_x, empty_y, new_x, new_y, torch.tensor(0.0), 2, 3, dsa, generator(0))
+    zero = unroll_loss(MatchProblem(fm, start, target, empty_x, empty_y, new_x, new_y), torch.tensor(0.0), UnrollSpec(2, 3, dsa), generator(0))
     assert torch.isclose(zero, torch.tensor(1.0))
 
 
 def test_gradients_reach_new_images_and_alpha_only():
     fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = _setup()
     frozen_before = frozen_x.clone()
-    res = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 3, 4,
-                DiffAugment("crop_scale_rotate"), generator(0))
+    res = match(MatchProblem(fm, start, target, frozen_x, frozen_y, new_x, new_y), alpha, UnrollSpec(3, 4, DiffAugment("crop_scale_rotate")), generator(0))
     assert res.grad_images.shape == new_x.shape
     assert torch.isfinite(res.grad_images).all() and res.grad_images.abs().sum() > 0
     assert res.grad_alpha.shape == () and torch.isfinite(res.grad_alpha) and res.grad_alpha != 0
@@ -83,7 +84,7 @@ def test_a_gradient_step_on_images_lowers_the_matching_loss():
     dsa = DiffAugment("none")
 
     def loss_at(x):
-        return unroll_loss(fm, start, target, empty_x, empty_y, x, new_y, alpha, 3, 3, dsa, generator(0))
+        return unroll_loss(MatchProblem(fm, start, target, empty_x, empty_y, x, new_y), alpha, UnrollSpec(3, 3, dsa), generator(0))
 
     x = new_x.detach().clone().requires_grad_(True)
     before = loss_at(x)
@@ -102,8 +103,7 @@ def _average_in_group(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = _setup()
-        res = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, DiffAugment("none"),
-                    generator(1 + rank))  # each rank its own sample
+        res = match(MatchProblem(fm, start, target, frozen_x, frozen_y, new_x, new_y), alpha, UnrollSpec(2, 3, DiffAugment("none")), generator(1 + rank))  # each rank its own sample
         avg_x, avg_a = _all_average([res.grad_images, res.grad_alpha.reshape(1)])
         torch.save({"x": avg_x.clone(), "a": avg_a.clone()}, f"{out}.{rank}")
     finally:
@@ -119,8 +119,8 @@ def test_average_of_two_samples_is_mean_of_gradients(tmp_path):
 
     fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = _setup()
     dsa = DiffAugment("none")
-    a = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, dsa, generator(1))
-    b = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, 2, 3, dsa, generator(2))
+    a = match(MatchProblem(fm, start, target, frozen_x, frozen_y, new_x, new_y), alpha, UnrollSpec(2, 3, dsa), generator(1))
+    b = match(MatchProblem(fm, start, target, frozen_x, frozen_y, new_x, new_y), alpha, UnrollSpec(2, 3, dsa), generator(2))
     assert not torch.allclose(a.grad_images, b.grad_images)  # two different samples
     assert torch.equal(_all_average([a.grad_images])[0], a.grad_images)  # no process group: identity
 
@@ -132,3 +132,28 @@ def test_average_of_two_samples_is_mean_of_gradients(tmp_path):
         assert got["x"].shape == a.grad_images.shape
         torch.testing.assert_close(got["x"], (a.grad_images + b.grad_images) / 2, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(got["a"][0], (a.grad_alpha + b.grad_alpha) / 2, rtol=1e-5, atol=1e-10)
+
+
+def test_conditioned_pool_closes_the_files_it_opened(tmp_path):
+    """A stage worker reads up to one store file per expert; closing the method must close them
+    all (on a long-lived Ray worker they would stay open as memory maps or remote handles)."""
+    import numpy as np
+
+
+    from pdd_ray.distill.methods.base import ConditionedPool
+    from pdd_ray.experts.store import TrajectoryStore
+
+    store = TrajectoryStore(str(tmp_path))
+    for j in range(3):
+        store.write("k", j, np.full((2, 4), j, dtype=np.float32), {"seed": j})
+    pool = ConditionedPool(str(tmp_path), "k", [0, 1, 2])
+    assert float(pool.params(1, 1, torch.device("cpu"))[0]) == 1.0
+    assert float(pool.params(2, 0, torch.device("cpu"))[0]) == 2.0
+    opened = list(pool._readers.values())
+    assert len(opened) == 2
+    pool.close()
+    for reader in opened:
+        with pytest.raises(PddError, match="is closed"):
+            reader.params(0)
+    assert float(pool.params(1, 0, torch.device("cpu"))[0]) == 1.0  # reopened on demand after a close
+    pool.close()

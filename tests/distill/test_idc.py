@@ -236,31 +236,20 @@ IDC_OVERRIDES = ["method=idc", "idc.factor=2", "idc.batch_real=16", "idc.inner_l
 
 
 @pytest.fixture(scope="module")
-def idc_run(ray_session, tmp_path_factory):
+def idc_run(ray_session, tmp_path_factory, frozen_spy):
     from pdd_ray.distill import driver
     from pdd_ray.prepare import prepare
 
     out = tmp_path_factory.mktemp("idc")
     cfg = load_config("digits", tiny_overrides(str(out)) + IDC_OVERRIDES)
     prepared = prepare(cfg)
-    frozen_seen = {}
-    run_stage = driver.run_stage
-
-    def spy_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
-        frozen_seen[k] = [s.images.clone() for s in frozen]
-        return run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(driver, "run_stage", spy_stage)
-    try:
+    with frozen_spy() as frozen_seen:
         result = driver.distill(cfg, prepared, progress=False)
-    finally:
-        mp.undo()
     return cfg, prepared, result, frozen_seen
 
 
 def test_two_stages_stored_frozen_and_decoded(idc_run):
-    from pdd_ray.distill.driver import load_stage
+    from pdd_ray.distill.records import load_stage
 
     cfg, prepared, result, frozen_seen = idc_run
     n_stored = prepared.bundle.num_classes * cfg.distill.ipc_per_stage

@@ -12,7 +12,7 @@ from pdd_ray.config import load_config
 from pdd_ray.errors import PddError
 from pdd_ray.experts.produce import expert_store_root, pool_size, produce, stage1_experts, stage1_jobs
 from pdd_ray.experts.store import TrajectoryStore
-from pdd_ray.experts.trajectory import record_trajectory
+from pdd_ray.experts.trajectory import RealSplits, record_trajectory
 from pdd_ray.prepare import prepare
 
 from conftest import tiny_overrides
@@ -38,8 +38,8 @@ def test_parallel_equals_serial_and_resume_trains_only_missing(ray_session, setu
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     for job in stage1_jobs(cfg, prepared):
-        serial = record_trajectory(prepared.spec, b.train_x, b.train_y, b.val_x, b.val_y, job.recipe, job.seed,
-                                   job.keep_epochs)
+        serial = record_trajectory(prepared.spec, RealSplits(b.train_x, b.train_y, b.val_x, b.val_y), job.recipe,
+                                   job.seed, job.keep_epochs)
         with store.open(key, job.index) as reader:
             assert reader.num_rows == cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
             stored = np.stack([reader.params(r) for r in range(reader.num_rows)])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pdd_ray.distill.driver import DistillResult, StageOutcome
+from pdd_ray.distill.driver import DistillResult
+from pdd_ray.distill.records import StageOutcome
 from pdd_ray.distill.health import stage_health
 from pdd_ray.evaluation import EvalResult, StageSet
 from pdd_ray.pipeline import RunReport

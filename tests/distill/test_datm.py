@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill import launch
 from pdd_ray.distill.artifact import load_distilled
-from pdd_ray.distill.driver import FAIL_AT_ENV, distill, load_stage, run_dir
+from pdd_ray.distill.driver import distill
+from pdd_ray.distill.identity import run_dir
+from pdd_ray.distill.launch import FAIL_AT_ENV
+from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.methods import METHODS
 from pdd_ray.distill.methods.datm import DatmMethod, datm_reach, window_bounds, window_upper
 from pdd_ray.distill.stage import StageTask
@@ -140,7 +143,7 @@ def twin_runs(ray_session, tmp_path_factory):
     shared = [f"experts.storage={root / 'experts'}"]
     out = {}
     captured: list[StageTask] = []
-    real_task = driver.StageTask
+    real_task = launch.StageTask
 
     def capture(*a, **k):
         t = real_task(*a, **k)
@@ -148,7 +151,7 @@ def twin_runs(ray_session, tmp_path_factory):
         return t
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(driver, "StageTask", capture)
+    mp.setattr(launch, "StageTask", capture)
     try:
         for name, fail in (("killed", "3"), ("clean", None)):
             cfg = load_config("digits", tiny_overrides(str(root / name)) + DATM + shared)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill import identity, launch
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.stage import STATE_FILE, iteration_generator
 from pdd_ray.experts.produce import stage1_experts
@@ -40,8 +40,8 @@ def two_workers(ray_session, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(ray.train.torch, "TorchTrainer", Spy)
     try:
-        directory = driver.run_dir(cfg)
-        driver.run_stage(cfg, prepared, directory, 1, key, [], progress=False)
+        directory = identity.run_dir(cfg)
+        launch.run_stage(cfg, prepared, directory, 1, key, [], progress=False)
     finally:
         mp.undo()
     states = [torch.load(p, map_location="cpu", weights_only=True)

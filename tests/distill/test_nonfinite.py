@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill.driver import distill, run_dir
+from pdd_ray.distill.driver import distill
+from pdd_ray.distill.identity import run_dir
 from pdd_ray.distill.stage import STATE_FILE, nonfinite_problem
 from pdd_ray.errors import PddError
 from pdd_ray.prepare import prepare

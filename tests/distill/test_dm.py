@@ -9,7 +9,7 @@ import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.distill.artifact import load_distilled
-from pdd_ray.distill.driver import load_stage
+from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.methods import METHODS, method_class
 from pdd_ray.distill.methods.dm import DmMethod
 from pdd_ray.experts.produce import expert_store_root
@@ -160,26 +160,14 @@ DM_OVERRIDES = ["method=dm", "dm.batch_real=32", "evaluation.epochs_per_stage=40
 
 
 @pytest.fixture(scope="module")
-def dm_run(ray_session, tmp_path_factory):
-    from pdd_ray.distill import driver
+def dm_run(ray_session, tmp_path_factory, frozen_spy):
     from pdd_ray.pipeline import run
 
     out = tmp_path_factory.mktemp("dm")
     overrides = tiny_overrides(str(out)) + DM_OVERRIDES
     cfg = load_config("digits", overrides)
-    frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
-    real_run_stage = driver.run_stage
-
-    def spy(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
-        frozen_seen[k] = [s.images.clone() for s in frozen]
-        return real_run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(driver, "run_stage", spy)
-    try:
+    with frozen_spy() as frozen_seen:  # what the driver handed each stage as frozen
         report = run(cfg, progress=False, baselines=False)
-    finally:
-        mp.undo()
     return cfg, overrides, report, frozen_seen
 
 

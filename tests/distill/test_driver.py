@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill import driver, transition
 from pdd_ray.distill.artifact import load_distilled
-from pdd_ray.distill.driver import FAIL_AT_ENV, distill, load_stage, run_dir
+from pdd_ray.distill.driver import distill
+from pdd_ray.distill.identity import run_dir
+from pdd_ray.distill.launch import FAIL_AT_ENV
+from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.stage import ALPHA_FLOOR
 from pdd_ray.prepare import prepare
 
@@ -17,12 +20,12 @@ from conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tmp_path_factory):
+def finished(ray_session, tmp_path_factory, frozen_spy):
     """One tiny 2-stage run in which rank 0 raises once at iteration 3 of stage 1.
 
     It uses the memory-bounded "checkpoint" unroll, so the config → worker → match path of
     that mode (including its resume after the injected failure) runs end to end here; its
-    gradient equals the full unroll's (tests/test_unroll.py).
+    gradient equals the full unroll's (tests/distill/test_unroll.py).
     """
     out = tmp_path_factory.mktemp("driver")
     # lr_img 0.001: with lr_lr = 1 and these 4-epoch experts, the preset's lr_img = 100 drives the
@@ -30,18 +33,11 @@ def finished(ray_session, tmp_path_factory):
     cfg = load_config("digits", tiny_overrides(str(out)) + ["distill.lr_lr=1.0", "distill.unroll=checkpoint",
                                                            "distill.lr_img=0.001"])
     prepared = prepare(cfg)
-    frozen_seen: dict[int, list[torch.Tensor]] = {}  # what the driver handed each stage as frozen
-    real_run_stage = driver.run_stage
-
-    def spy(cfg_, prepared_, directory, k, key, frozen, *a, **kw):
-        frozen_seen[k] = [s.images.clone() for s in frozen]
-        return real_run_stage(cfg_, prepared_, directory, k, key, frozen, *a, **kw)
-
     mp = pytest.MonkeyPatch()
     mp.setenv(FAIL_AT_ENV, "3")
-    mp.setattr(driver, "run_stage", spy)
     try:
-        result = distill(cfg, prepared, progress=False)
+        with frozen_spy() as frozen_seen:  # what the driver handed each stage as frozen
+            result = distill(cfg, prepared, progress=False)
     finally:
         mp.undo()
     result.frozen_seen = frozen_seen
@@ -126,7 +122,7 @@ def test_second_run_does_no_distillation_work(finished, monkeypatch):
         raise AssertionError("a finished run must not distill again")
 
     monkeypatch.setattr(driver, "run_stage", refuse)
-    monkeypatch.setattr(driver, "produce", lambda *a, **k: [])  # transitions: nothing missing anyway
+    monkeypatch.setattr(transition, "produce", lambda *a, **k: [])  # transitions: nothing missing anyway
     again = distill(cfg, prepared, progress=False)
     for a, b in zip(again.stages, result.stages):
         assert torch.equal(a.images, b.images) and a.lr == b.lr

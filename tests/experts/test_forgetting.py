@@ -145,9 +145,10 @@ def test_discard_fraction_config_errors():
 
 
 def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
-    from pdd_ray.distill import driver
+    from pdd_ray.distill import transition
+    from pdd_ray.distill.transition import real_indices
     from pdd_ray.evaluation import StageSet, random_subset
-    from pdd_ray.experts.produce import base_settings, expert_store_root, produce, real_pool, stage1_experts
+    from pdd_ray.experts.produce import base_settings, expert_store_root, produce, stage1_experts
     from pdd_ray.experts.store import TrajectoryStore, store_key
     from pdd_ray.prepare import prepare
 
@@ -165,8 +166,8 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
         assert counts.shape == (n,)
         assert counts.min() >= 0 and counts.max() <= cfg.experts.epochs + 1
 
-    assert real_pool(cfg, prepared, 1) is None and real_pool(cfg0, prepared, 2) is None
-    pool = real_pool(cfg, prepared, 2)
+    assert real_indices(cfg, prepared, 1) is None and real_indices(cfg0, prepared, 2) is None
+    pool = real_indices(cfg, prepared, 2)
     by_class = [int((b.train_y == c).sum()) for c in range(b.num_classes)]
     assert pool.dtype == torch.int64 and pool.shape == (n - sum(math.floor(0.3 * m) for m in by_class),)
     total = aggregate([read_counts(store, key, j) for j in range(cfg.experts.num_experts)])
@@ -176,18 +177,18 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
         in_c = (b.train_y == c).numpy()
         assert (~kept_mask & in_c).sum() == math.floor(0.3 * by_class[c])
         assert total[~kept_mask & in_c].max() <= total[kept_mask & in_c].min()
-    assert torch.equal(pool, real_pool(cfg, prepared, 3))  # same subset at every later stage
+    assert torch.equal(pool, real_indices(cfg, prepared, 3))  # same subset at every later stage
 
     ux, uy = random_subset(b, 1, 123)
     union = [StageSet(ux, uy, lr=0.01, epochs=5)]
-    jobs = driver.transition_jobs(cfg, prepared, 1, key, union)
-    jobs0 = driver.transition_jobs(cfg0, prepared, 1, key, union)
+    jobs = transition.transition_jobs(cfg, prepared, 1, key, union)
+    jobs0 = transition.transition_jobs(cfg0, prepared, 1, key, union)
     assert len(jobs) == cfg.experts.num_experts
-    assert all(torch.equal(j.pool, pool) for j in jobs) and all(j.pool is None for j in jobs0)
+    assert all(torch.equal(j.real_indices, pool) for j in jobs) and all(j.real_indices is None for j in jobs0)
     assert jobs[0].key != jobs0[0].key  # the kept subset is part of the key
     # the key follows exactly what the transition experts consume
     def tkey(c, u=union):
-        return driver.transition_jobs(c, prepared, 1, key, u)[0].key
+        return transition.transition_jobs(c, prepared, 1, key, u)[0].key
 
     assert tkey(cfg0) == jobs0[0].key  # deterministic
     assert tkey(load_config("digits", overrides + ["distill.discard_from_stage=3"])) == jobs0[0].key  # unread at 0
@@ -209,5 +210,5 @@ def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
     for j in range(cfg.experts.num_experts):
         (tmp_path / "out" / "experts" / counts_path(key, j)).unlink()
     with pytest.raises(PddError) as err:
-        real_pool(cfg, prepared, 2)
+        real_indices(cfg, prepared, 2)
     assert "\n" not in str(err.value) and "fresh store" in str(err.value)

@@ -1,4 +1,4 @@
-"""PDD's transition (driver.transition_jobs + produce): expert j of stage k+1 starts from expert
+"""PDD's transition (transition.transition_jobs + produce): expert j of stage k+1 starts from expert
 j's initial weights, trains on S_<=k with α_k, then records real-data epochs with a fresh
 optimiser -- M + E + 1 epochs, i.e. M + E + 2 stored rows (row 0 = after the warm-up)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdd_ray.config import load_config
-from pdd_ray.distill import driver
+from pdd_ray.distill.transition import transition_jobs
 from pdd_ray.evaluation import StageSet, random_subset
 from pdd_ray.experts.produce import expert_recipe, expert_store_root, produce, stage1_experts
 from pdd_ray.experts.store import TrajectoryStore
@@ -34,7 +34,7 @@ def transition(ray_session, tmp_path_factory):
     prepared = prepare(cfg)
     key, _ = stage1_experts(cfg, prepared, progress=False)
     union = [StageSet(*random_subset(prepared.bundle, 1, 123), lr=ALPHA_K)]
-    jobs = driver.transition_jobs(cfg, prepared, 1, key, union)
+    jobs = transition_jobs(cfg, prepared, 1, key, union)
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs[:1], prepared, progress=False)
     return cfg, prepared, key, union, jobs, store
@@ -92,6 +92,30 @@ def test_transition_records_m_plus_e_plus_2_rows_from_the_warm_start(transition)
 
 def test_transition_key_follows_its_inputs(transition):
     cfg, prepared, key, union, jobs, _ = transition
-    other_alpha = driver.transition_jobs(cfg, prepared, 1, key, [replace(union[0], lr=0.02)])
+    other_alpha = transition_jobs(cfg, prepared, 1, key, [replace(union[0], lr=0.02)])
     assert other_alpha[0].key != jobs[0].key
-    assert driver.transition_jobs(cfg, prepared, 1, key, union)[0].key == jobs[0].key
+    assert transition_jobs(cfg, prepared, 1, key, union)[0].key == jobs[0].key
+
+
+def test_the_union_goes_through_the_object_store_once_per_transition(transition, monkeypatch):
+    """Every job of a transition warms up on the same union; at Tiny ImageNet IPC 50 that is
+    ~393 MB, so it must be put once and shared by reference, not serialised into each of 100
+    jobs (issue 12). A fresh union (a new transition key, so both jobs run): it is put exactly
+    once and both experts are stored."""
+    import ray
+
+    from pdd_ray.experts.trajectory import Warmup
+
+    cfg, prepared, key, union, jobs, store = transition
+    other = [StageSet(*random_subset(prepared.bundle, 1, 456), lr=ALPHA_K)]
+    fresh = transition_jobs(cfg, prepared, 1, key, other)
+    assert len(fresh) == 2 and fresh[0].key != jobs[0].key
+    put: list[object] = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value, **kw: put.append(value) or real_put(value, **kw))
+    produce(store, fresh, prepared, progress=False)
+    assert sum(isinstance(v, Warmup) for v in put) == 1
+    d = cfg.distill
+    for job in fresh:
+        with store.open(job.key, job.index) as r:
+            assert r.epochs == list(range(d.max_start_epoch + d.expert_epochs + 2))

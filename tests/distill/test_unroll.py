@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import UNROLLS, match, unroll_loss
+from pdd_ray.distill.match import UNROLLS, MatchProblem, UnrollSpec, match, unroll_loss
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
@@ -56,7 +56,7 @@ def _run(unroll: str, steps: int, dsa: DiffAugment, seed: int = 7, setup=None):
     """match(...) in one mode; returns the result and the generator afterwards."""
     fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha = setup or _setup()
     g = generator(seed)
-    res = match(fm, start, target, frozen_x, frozen_y, new_x, new_y, alpha, steps, BATCH, dsa, g, unroll=unroll)
+    res = match(MatchProblem(fm, start, target, frozen_x, frozen_y, new_x, new_y), alpha, UnrollSpec(steps, BATCH, dsa, unroll), g)
     return res, g
 
 
@@ -128,7 +128,7 @@ def test_tesla_approximates_with_a_descent_direction(strategy):
     assert not torch.allclose(tesla.grad_alpha, exact.grad_alpha, rtol=1e-3, atol=0)
 
     def exact_loss(x: torch.Tensor) -> float:
-        loss = unroll_loss(fm, start, target, frozen_x, frozen_y, x, new_y, alpha.detach(), 6, BATCH, dsa, generator(7))
+        loss = unroll_loss(MatchProblem(fm, start, target, frozen_x, frozen_y, x, new_y), alpha.detach(), UnrollSpec(6, BATCH, dsa), generator(7))
         return float(loss.detach())
 
     # a descent direction: positive inner product with the exact gradient, and a small step

@@ -1,0 +1,265 @@
+"""One stage on Ray Train: build the workers' task, fit a ``TorchTrainer``, read its result.
+
+The per-worker loop itself is :func:`pdd_ray.distill.stage.stage_worker`; this module is the
+driver's side of it (initial images, frozen stages, the progress watcher, the fit off the
+main thread, the final checkpoint turned into a :class:`StageOutcome`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from pdd_ray.config import PddConfig
+from pdd_ray.distill.callbacks import StageSink
+from pdd_ray.distill.identity import selection_recipe
+from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.methods.base import check_real_classes
+from pdd_ray.distill.records import StageOutcome
+from pdd_ray.distill.stage import StageState, StageTask, stage_worker
+from pdd_ray.distill.stage_progress import ProgressBoard, _watch
+from pdd_ray.distill.transition import real_indices
+from pdd_ray.errors import PddError
+from pdd_ray.evaluation import StageSet, random_subset
+from pdd_ray.experts.produce import expert_store_root
+from pdd_ray.experts.store import TrajectoryStore
+from pdd_ray.prepare import Prepared
+from pdd_ray.seeding import derive_seed
+
+#: Test hook: rank 0 of the first stage raises once at this iteration (see tests/distill/test_driver.py).
+FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
+
+
+def _real_ref(cfg: PddConfig, prepared: Prepared, k: int):
+    """The real examples stage k's matching may draw from (after forgetting-score discarding)."""
+    b = prepared.bundle
+    indices = real_indices(cfg, prepared, k)
+    if indices is None:
+        return ray.put((b.train_x, b.train_y))
+    check_real_classes(b.train_y[indices], b.num_classes, f"stage {k}")  # one line here, not a worker traceback
+    return ray.put((b.train_x[indices], b.train_y[indices]))
+
+
+def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
+    """Refuse a CPU worker layout the cluster can never schedule (Ray would wait forever)."""
+    total = ray.cluster_resources().get("CPU", 0)
+    if not use_gpu and workers * cpus > total:
+        raise PddError(
+            f"distill.num_workers x distill.cpus_per_worker = {workers} x {cpus} CPUs, but the Ray cluster has "
+            f"{total:g} CPUs; lower one of them"
+        )
+
+
+@dataclass
+class _Conditioning:
+    """Where stage k's conditioning pool lives: the store, its key (None: fresh networks) and
+    the expert indices present."""
+
+    store_root: str
+    key: str | None
+    indices: list[int]
+
+
+@dataclass
+class _InitialSets:
+    """The stage's starting images and labels, and the frozen earlier stages it matches with."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    soft_labels: torch.Tensor | None  # learned logits (DATM), None for hard labels
+    frozen_images: torch.Tensor
+    frozen_labels: torch.Tensor
+    frozen_soft_labels: torch.Tensor | None
+
+
+def _conditioning(cfg: PddConfig, expert_key: str | None) -> _Conditioning:
+    """The stage's conditioning pool; a method that matches trajectories needs its experts."""
+    store = TrajectoryStore(expert_store_root(cfg))
+    indices = store.indices(expert_key) if expert_key else []
+    if method_class(cfg.distill.method).needs_trajectories and not indices:
+        raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
+    return _Conditioning(store.root, expert_key, indices)
+
+
+def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: _Conditioning,
+                  frozen: list[StageSet]) -> _InitialSets:
+    """Stage k's initial images: the method's own (DATM: correctly classified reals with the
+    expert's logits; IDC: several real images per stored one) or a seeded random subset."""
+    d, b = cfg.distill, prepared.bundle
+    method = method_class(d.method)
+    params = method.stage_params(cfg, b.num_classes, k)
+    init_seed = derive_seed(cfg.seed, "stage-init", k)
+    init_soft = None
+    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, cond.store_root,
+                                        cond.key, cond.indices)
+    if soft_init is not None:
+        init_x, init_y, init_soft = soft_init
+    else:
+        init = method.init_images(params, b, d.ipc_per_stage, init_seed)
+        init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
+    frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
+    frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
+    frozen_soft = None
+    if init_soft is not None:
+        frozen_soft = torch.cat([s.soft_labels for s in frozen]) if frozen else init_soft[:0]
+    return _InitialSets(init_x, init_y, init_soft, frozen_x, frozen_y, frozen_soft)
+
+
+def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: _Conditioning,
+                init: _InitialSets, board, record: bool) -> StageTask:
+    """Everything stage k's workers need, sent once through ``train_loop_config``."""
+    d, b = cfg.distill, prepared.bundle
+    method = method_class(d.method)
+    params = method.stage_params(cfg, b.num_classes, k)
+    fail_at = os.environ.get(FAIL_AT_ENV)
+    return StageTask(
+        stage=k,
+        method=d.method,
+        params=params,
+        spec=prepared.spec,
+        store_root=cond.store_root,
+        expert_key=cond.key,
+        expert_indices=cond.indices,
+        frozen_images=init.frozen_images,
+        frozen_labels=init.frozen_labels,
+        init_images=init.images,
+        new_labels=init.labels,
+        val_ref=ray.put((b.val_x, b.val_y)),
+        iterations=d.iterations,
+        lr_img=method.image_lr(cfg),
+        lr_lr=d.lr_lr,
+        lr_init=d.lr_init,
+        eval_every=d.eval_every,
+        eval_runs=d.eval_runs,
+        eval_recipe=selection_recipe(cfg),
+        checkpoint_every=d.checkpoint_every,
+        augment=cfg.augment.strategy,
+        seed=cfg.seed,
+        use_gpu=d.use_gpu,
+        real_ref=_real_ref(cfg, prepared, k) if method.needs_real_data else None,
+        threads=d.cpus_per_worker,
+        fail_at=int(fail_at) if fail_at and k == 1 else None,
+        fail_marker=str(directory / "injected_failure.marker"),
+        progress=board,
+        record=record,
+        deterministic=d.deterministic,
+        image_limit=float(b.train_x.abs().max()),
+        problem_path=str(_problem_path(directory, k)),
+        init_soft_labels=init.soft_labels,
+        frozen_soft_labels=init.frozen_soft_labels,
+        lr_labels=float(params.get("lr_labels", 0.0)),
+        momentum_labels=float(params.get("momentum_labels", 0.0)),
+    )
+
+
+def _problem_path(directory: Path, k: int) -> Path:
+    """Where stage k's workers write the one-line reason of a non-finite or diverged stop."""
+    return directory / f"stage_{k}.problem.txt"
+
+
+def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
+    """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distill
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
+    return TorchTrainer(
+        stage_worker,
+        train_loop_config={"task": task},
+        torch_config=TorchConfig(timeout_s=d.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"stage_{k}",
+            storage_path=str(directory / "train"),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_stage(
+    cfg: PddConfig,
+    prepared: Prepared,
+    directory: Path,
+    k: int,
+    expert_key: str | None,
+    frozen: list[StageSet],
+    progress: bool = True,
+    sink: StageSink | None = None,
+) -> StageOutcome:
+    """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
+
+    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
+    trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
+    a method that starts from fresh random networks. ``sink`` (the tracker's stage logger)
+    gets rank 0's per-iteration metrics and image grids, on this process.
+    """
+    d = cfg.distill
+    _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
+    cond = _conditioning(cfg, expert_key)
+    init = _initial_sets(cfg, prepared, k, cond, frozen)
+    problem_path = _problem_path(directory, k)  # written by the workers if the stage goes non-finite
+    problem_path.unlink(missing_ok=True)
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
+    trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None))
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop, sink), daemon=True
+    )
+    watcher.start()
+    try:
+        result = _fit_off_main_thread(trainer)
+    finally:
+        stop.set()
+        watcher.join(timeout=10 if sink is None else 120)  # the last records are logged before the stage ends
+        ray.kill(board)
+    if problem_path.is_file():  # the workers stopped at a NaN/inf: no stage record, no artifact, one line
+        problem = problem_path.read_text().strip()
+        problem_path.unlink(missing_ok=True)
+        raise PddError(problem)
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")
+    state = StageState.load(result.checkpoint)
+    best = state.best
+    return StageOutcome(
+        images=best.images.float(),
+        labels=init.labels.clone(),
+        alpha=best.alpha,
+        best_val_acc=best.acc,
+        best_iteration=best.iteration,
+        losses=state.losses,
+        val_history=state.val_history,
+        soft_labels=best.soft_labels.float() if best.soft_labels is not None else None,
+    )
+
+
+def _fit_off_main_thread(trainer):
+    """``trainer.fit()`` in a helper thread, the main thread waiting.
+
+    On the main thread Ray Train installs its own SIGINT handler and never removes it: Ctrl-C then
+    aborts the Train run and the process exits 1 with no message, during the stage and in every
+    phase after it. Off the main thread Train leaves SIGINT alone (as under Tune), so Ctrl-C raises
+    KeyboardInterrupt here and the CLI stops Ray, closes the MLflow runs and exits 130; the
+    stage's checkpoints stay for the re-run.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="pdd-ray-stage", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
