@@ -458,8 +458,9 @@ def stage_worker(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` for one stage.
 
     Restore from the latest checkpoint; then per iteration: validate (every ``eval_every`` and
-    at the end, the networks shared out over the ranks), step on the all-reduced gradient, report, and checkpoint
-    every ``checkpoint_every``. A non-finite value stops every worker without a checkpoint.
+    at the end, the networks shared out over the ranks), step on the all-reduced gradient,
+    report, and checkpoint every ``checkpoint_every``. A non-finite value stops every worker
+    without a checkpoint.
     """
     task: StageTask = config["task"]
     rank = ray.train.get_context().get_world_rank()
