@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session, and tiny configs."""
+"""Shared fixtures: one local Ray instance per test session, and tiny configs (``tiny_overrides``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def ray_session():
     ray.shutdown()
 
 
-def tiny_overrides(storage: str) -> list[str]:
+def _tiny_overrides(storage: str) -> list[str]:
     """Digits at the smallest sizes that still exercise every code path quickly."""
     return [
         f"storage={storage}",
@@ -62,6 +62,13 @@ def tiny_overrides(storage: str) -> list[str]:
         "evaluation.full_epochs=1",
         "tracking.enabled=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """The function ``tiny_overrides(storage) -> list[str]``: digits at the smallest sizes that
+    still exercise every code path quickly, writing under ``storage``."""
+    return _tiny_overrides
 
 
 @pytest.fixture(scope="session")

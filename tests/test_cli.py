@@ -51,9 +51,6 @@ def test_bad_input_is_one_line_with_exit_2(argv, fragment, capsys):
 
 
 def test_image_size_the_model_cannot_take(tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, "tests")
     from fakes import write_fake_imagefolder
 
     write_fake_imagefolder(tmp_path, classes=2, per_class=2, size=16)

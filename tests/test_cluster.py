@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_overrides
 from pdd_ray import jobs
 from pdd_ray.errors import PddError
 
@@ -245,7 +244,7 @@ def _error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("pdd-ray: error:")]
 
 
-def test_submit_runs_tiny_digits_on_the_cluster(client_env: Head, tmp_path: Path, capsys) -> None:
+def test_submit_runs_tiny_digits_on_the_cluster(client_env: Head, tmp_path: Path, capsys, tiny_overrides) -> None:
     storage = tmp_path / "storage"
     overrides = [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking")]  # tracked in MLflow
     rc, out, err = _cli(["submit", "digits", *overrides, "--address", client_env.address], capsys)
@@ -265,7 +264,7 @@ def test_submit_runs_tiny_digits_on_the_cluster(client_env: Head, tmp_path: Path
     assert len(runs) == 3  # the run and its two stages
 
 
-def test_failed_job_exits_1_with_one_line(client_env: Head, tmp_path: Path, capsys) -> None:
+def test_failed_job_exits_1_with_one_line(client_env: Head, tmp_path: Path, capsys, tiny_overrides) -> None:
     # Valid config here, fails there: the dataset root does not exist on the cluster.
     argv = ["submit", "digits", *tiny_overrides(str(tmp_path / "s")), "data.dataset=mnist",
             "data.root=/nonexistent/pdd", "--address", client_env.address]  # fmt: skip

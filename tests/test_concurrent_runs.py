@@ -14,12 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_runs_at_once_share_one_copy_of_the_work(tmp_path):
+def test_two_runs_at_once_share_one_copy_of_the_work(tmp_path, tiny_overrides):
     storage = tmp_path / "s"
     overrides = [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking.")]
     overrides += ["tracking.enabled=true", "evaluation.runs=1"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +20,7 @@ from pdd_ray.evaluation import StageSet, baseline_key, recipe_from_config
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.progress import disable_lines
 
-from conftest import tiny_overrides
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fakes import write_fake_imagefolder  # noqa: E402
+from fakes import write_fake_imagefolder
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str]:
@@ -39,7 +34,7 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def own(ray_session, tmp_path_factory):
+def own(ray_session, tmp_path_factory, tiny_overrides):
     base = tmp_path_factory.mktemp("own")
     root = write_fake_imagefolder(base / "flowers", classes=3, per_class=10, size=16, test_per_class=3)
     storage = base / "out"

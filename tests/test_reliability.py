@@ -15,12 +15,11 @@ import pytest
 from pdd_ray.cli import main
 from pdd_ray.config import load_config
 
-from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tracked(storage: Path) -> list[str]:
+def _tracked(tiny_overrides, storage: Path) -> list[str]:
     return [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking")]
 
 
@@ -43,13 +42,13 @@ def test_storage_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys, key
     assert f"{blocker}/sub" in err and key in err
 
 
-def test_runs_of_a_killed_process_are_marked_killed_on_resume(tmp_path):
+def test_runs_of_a_killed_process_are_marked_killed_on_resume(tmp_path, tiny_overrides):
     """A process that dies with its runs RUNNING (SIGKILL: no cleanup at all) leaves them to the
     next run of the same work, which marks them KILLED; a live owner's run is left alone."""
     from pdd_ray.tracking import RunTracker
 
     storage = tmp_path / "s"
-    ov = _tracked(storage)
+    ov = _tracked(tiny_overrides, storage)
     code = (
         "import os, signal, sys\n"
         "from pdd_ray.config import load_config\n"
@@ -93,12 +92,12 @@ def _ray_processes(marker: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_during_a_stage_exits_130_and_closes_ray_and_mlflow(tmp_path):
+def test_ctrl_c_during_a_stage_exits_130_and_closes_ray_and_mlflow(tmp_path, tiny_overrides):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) while stage 1 trains on Ray
     Train: exit 130 with `pdd-ray: interrupted`, every MLflow run closed, no Ray process left."""
     storage = tmp_path / "s"
     ray_tmp = tempfile.mkdtemp(prefix="pdr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    argv = [sys.executable, "-m", "pdd_ray", "run", "digits", *_tracked(storage), "distill.iterations=400",
+    argv = [sys.executable, "-m", "pdd_ray", "run", "digits", *_tracked(tiny_overrides, storage), "distill.iterations=400",
             "--no-progress"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp})

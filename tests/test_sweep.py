@@ -9,8 +9,6 @@ from pdd_ray.config import load_config
 from pdd_ray.errors import PddError
 from pdd_ray.sweep import _space_entry, load_sweep, param_space, trial_overrides
 
-from conftest import tiny_overrides
-
 
 def _write(tmp_path, **spec) -> str:
     path = tmp_path / "sweep.yaml"
@@ -74,7 +72,7 @@ def test_search_entries_become_tune_domains_and_trial_overrides(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def asha(ray_session, tmp_path_factory):
+def asha(ray_session, tmp_path_factory, tiny_overrides):
     """Two 2-stage trials run one after the other; the second has a step size so small its
     validation networks cannot learn (α ~ 1e-9), so ASHA must stop it after stage 1."""
     from pdd_ray.sweep import run_sweep

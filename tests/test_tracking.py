@@ -18,8 +18,6 @@ from pdd_ray.config import load_config
 from pdd_ray.errors import PddError
 from pdd_ray.ui import free_port, start_server, stop_server, wait_healthy
 
-from conftest import tiny_overrides
-
 
 def _post(base: str, path: str, body: dict) -> dict:
     req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
@@ -61,7 +59,7 @@ def server(tmp_path_factory):
         stop_server(proc)
 
 
-def test_run_is_logged_to_a_real_server(ray_session, server, tmp_path):
+def test_run_is_logged_to_a_real_server(ray_session, server, tmp_path, tiny_overrides):
     from pdd_ray.pipeline import run
 
     ov = [o for o in tiny_overrides(str(tmp_path)) if not o.startswith("tracking")]
@@ -108,7 +106,7 @@ def test_run_is_logged_to_a_real_server(ray_session, server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def swept(ray_session, tmp_path_factory):
+def swept(ray_session, tmp_path_factory, tiny_overrides):
     from pdd_ray.sweep import load_sweep, run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
@@ -187,7 +185,7 @@ def test_ui_without_a_store_is_a_one_line_error(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _tracker_store(tmp_path, monkeypatch):
+def _tracker_store(tmp_path, monkeypatch, tiny_overrides):
     """A RunTracker's default sqlite store, created from an unrelated working directory."""
     from pdd_ray.tracking import RunTracker
 
@@ -202,12 +200,12 @@ def _tracker_store(tmp_path, monkeypatch):
     return storage, elsewhere
 
 
-def test_store_opens_in_the_training_view_with_a_best_first_runs_view(tmp_path, monkeypatch):
+def test_store_opens_in_the_training_view_with_a_best_first_runs_view(tmp_path, monkeypatch, tiny_overrides):
     from mlflow import MlflowClient
 
     from pdd_ray.tracking import EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, SHARED_VIEW_TAG_PREFIX
 
-    storage, elsewhere = _tracker_store(tmp_path, monkeypatch)
+    storage, elsewhere = _tracker_store(tmp_path, monkeypatch, tiny_overrides)
     client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
     exp = client.get_experiment_by_name("pdd_ray")
     # the experiment kind MLflow's UI itself writes for "Machine learning" (not GenAI)
@@ -227,7 +225,7 @@ def test_store_opens_in_the_training_view_with_a_best_first_runs_view(tmp_path, 
     assert not (elsewhere / "mlruns").exists()
     # a second tracker leaves a user's own choice of kind alone
     client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
-    _tracker_store(tmp_path, monkeypatch)
+    _tracker_store(tmp_path, monkeypatch, tiny_overrides)
     assert client.get_experiment(exp.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
@@ -283,7 +281,7 @@ def _port_free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
+def small_store(tmp_path_factory, tiny_overrides):
     """An MLflow store with one tracked (empty) run, made without Ray."""
     from pdd_ray.tracking import RunTracker
 

@@ -24,7 +24,6 @@ from pdd_ray.prepare import prepare
 from pdd_ray.seeding import generator
 from pdd_ray.training import TrainRecipe
 
-from conftest import tiny_overrides
 
 DATM = ["method=datm", "experts.epochs=5", "datm.max_start_epoch_final=3", "datm.stage_shift=1", "datm.lr_labels=5.0"]
 
@@ -34,7 +33,7 @@ DATM = ["method=datm", "experts.epochs=5", "datm.max_start_epoch_final=3", "datm
 # ----------------------------------------------------------------------------------------------
 
 
-def test_registered_and_window_grows_and_shifts(tmp_path):
+def test_registered_and_window_grows_and_shifts(tmp_path, tiny_overrides):
     assert METHODS["datm"] is DatmMethod
     cfg = load_config("digits", tiny_overrides(str(tmp_path)) + DATM)
     assert window_bounds(cfg, 1) == (0, 2, 3) and window_bounds(cfg, 2) == (1, 3, 4)
@@ -49,7 +48,7 @@ def test_registered_and_window_grows_and_shifts(tmp_path):
     (["datm.stage_shift=3"], "experts.epochs"),
     (["distill.unroll=checkpoint"], "unroll"),
 ])
-def test_bad_windows_are_one_line_errors(tmp_path, extra, words):
+def test_bad_windows_are_one_line_errors(tmp_path, extra, words, tiny_overrides):
     with pytest.raises(PddError, match=words):
         load_config("digits", tiny_overrides(str(tmp_path)) + DATM + extra)
 
@@ -136,7 +135,7 @@ def test_soft_labels_train_with_soft_cross_entropy():
 
 
 @pytest.fixture(scope="module")
-def twin_runs(ray_session, tmp_path_factory):
+def twin_runs(ray_session, tmp_path_factory, tiny_overrides):
     """The same 2-stage DATM config twice: once with rank 0 killed at iteration 3 of stage 1
     (resumed from its checkpoint), once uninterrupted. Stage tasks are captured."""
     root = tmp_path_factory.mktemp("datm")
@@ -233,7 +232,7 @@ def test_honest_controls_in_report(twin_runs):
     assert d["pdd_hard_labels"]["scores"]["test"] and d["random_soft_labels"]["scores"]["test"]
 
 
-def test_without_soft_labels_and_fixed_window_datm_equals_mtt(ray_session, tmp_path):
+def test_without_soft_labels_and_fixed_window_datm_equals_mtt(ray_session, tmp_path, tiny_overrides):
     shared = [f"experts.storage={tmp_path / 'experts'}", "distill.num_stages=1"]
     outs = {}
     fixed = ["datm.soft_labels=false", "datm.min_start_epoch=0", "datm.max_start_epoch=null",

@@ -15,11 +15,9 @@ from pdd_ray.distill.stage import STATE_FILE, iteration_generator
 from pdd_ray.experts.produce import stage1_experts
 from pdd_ray.prepare import prepare
 
-from conftest import tiny_overrides
-
 
 @pytest.fixture(scope="module")
-def two_workers(ray_session, tmp_path_factory):
+def two_workers(ray_session, tmp_path_factory, tiny_overrides):
     """One iteration of stage 1 on 2 workers; the StageTask the driver built is captured."""
     import ray.train.torch
 

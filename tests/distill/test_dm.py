@@ -18,7 +18,6 @@ from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.models import FlatModel
 from pdd_ray.seeding import generator
 
-from conftest import tiny_overrides
 
 CLASSES = 3
 SPEC = ModelSpec("convnet", 1, CLASSES, 8, width=8, depth=2)
@@ -160,7 +159,7 @@ DM_OVERRIDES = ["method=dm", "dm.batch_real=32", "evaluation.epochs_per_stage=40
 
 
 @pytest.fixture(scope="module")
-def dm_run(ray_session, tmp_path_factory, frozen_spy):
+def dm_run(ray_session, tmp_path_factory, frozen_spy, tiny_overrides):
     from pdd_ray.pipeline import run
 
     out = tmp_path_factory.mktemp("dm")

@@ -16,11 +16,9 @@ from pdd_ray.distill.records import load_stage
 from pdd_ray.distill.stage import ALPHA_FLOOR
 from pdd_ray.prepare import prepare
 
-from conftest import tiny_overrides
-
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tmp_path_factory, frozen_spy):
+def finished(ray_session, tmp_path_factory, frozen_spy, tiny_overrides):
     """One tiny 2-stage run in which rank 0 raises once at iteration 3 of stage 1.
 
     It uses the memory-bounded "checkpoint" unroll, so the config → worker → match path of
@@ -45,7 +43,7 @@ def finished(ray_session, tmp_path_factory, frozen_spy):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(finished):
+def uninterrupted(finished, tiny_overrides):
     """Stage 1 of the same settings without the injected failure (a one-stage run: stage 1
     does not depend on the stage count; the stage-1 experts are found in the same store)."""
     cfg, prepared, _ = finished

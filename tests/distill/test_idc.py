@@ -16,7 +16,6 @@ from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import generator
 
-from conftest import tiny_overrides
 
 CLASSES = 3
 SPEC = ModelSpec("convnet", 1, CLASSES, 8, width=8, depth=2)
@@ -236,7 +235,7 @@ IDC_OVERRIDES = ["method=idc", "idc.factor=2", "idc.batch_real=16", "idc.inner_l
 
 
 @pytest.fixture(scope="module")
-def idc_run(ray_session, tmp_path_factory, frozen_spy):
+def idc_run(ray_session, tmp_path_factory, frozen_spy, tiny_overrides):
     from pdd_ray.distill import driver
     from pdd_ray.prepare import prepare
 

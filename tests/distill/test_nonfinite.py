@@ -15,8 +15,6 @@ from pdd_ray.distill.stage import STATE_FILE, nonfinite_problem
 from pdd_ray.errors import PddError
 from pdd_ray.prepare import prepare
 
-from conftest import tiny_overrides
-
 
 def test_nonfinite_problem_names_the_value_stage_iteration_and_cause():
     task = SimpleNamespace(stage=2, method="mtt", lr_img=1e12, lr_lr=1e-5)
@@ -40,7 +38,7 @@ def test_diverged_images_are_a_problem_too():
     assert diverged_problem(SimpleNamespace(image_limit=None), 0, torch.tensor([1e30])) is None
 
 
-def test_huge_image_lr_stops_with_one_line_and_writes_no_nan(ray_session, tmp_path):
+def test_huge_image_lr_stops_with_one_line_and_writes_no_nan(ray_session, tmp_path, tiny_overrides):
     cfg = load_config("digits", tiny_overrides(str(tmp_path / "out")) + ["distill.lr_img=1e12"])
     with pytest.raises(PddError) as err:
         distill(cfg, prepare(cfg), progress=False)

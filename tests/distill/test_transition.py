@@ -21,13 +21,12 @@ from pdd_ray.prepare import prepare
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe, train
 
-from conftest import tiny_overrides
 
 ALPHA_K = 0.03  # the stage's learned lr: distinct from lr_init (0.01) and evaluation.lr (0.01)
 
 
 @pytest.fixture(scope="module")
-def transition(ray_session, tmp_path_factory):
+def transition(ray_session, tmp_path_factory, tiny_overrides):
     out = tmp_path_factory.mktemp("transition")
     cfg = load_config("digits", tiny_overrides(str(out)) + ["evaluation.momentum=0.5", "evaluation.weight_decay=0.001",
                                                              "evaluation.batch_size=8"])

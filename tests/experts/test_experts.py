@@ -15,11 +15,9 @@ from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.experts.trajectory import RealSplits, record_trajectory
 from pdd_ray.prepare import prepare
 
-from conftest import tiny_overrides
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_overrides):
     out = tmp_path_factory.mktemp("experts")
     cfg = load_config("digits", tiny_overrides(str(out)) + ["experts.num_experts=3"])
     return cfg, prepare(cfg)
@@ -86,7 +84,7 @@ def test_mismatched_file_is_a_one_line_error(ray_session, setup):
     assert "\n" not in msg and "seed" in msg and store.path(key, 2) in msg
 
 
-def test_file_uri_store(ray_session, tmp_path):
+def test_file_uri_store(ray_session, tmp_path, tiny_overrides):
     cfg = load_config("digits", tiny_overrides(str(tmp_path)) + [f"experts.storage=file://{tmp_path}/uri-store",
                                                                   "experts.num_experts=1"])
     prepared = prepare(cfg)
@@ -95,7 +93,7 @@ def test_file_uri_store(ray_session, tmp_path):
     assert os.path.isfile(f"{tmp_path}/uri-store/{key}/expert_00000.arrow")
 
 
-def test_cli_experts_logs_to_mlflow_and_second_call_trains_nothing(ray_session, tmp_path, capsys):
+def test_cli_experts_logs_to_mlflow_and_second_call_trains_nothing(ray_session, tmp_path, capsys, tiny_overrides):
     from mlflow import MlflowClient
 
     from pdd_ray.cli import main

@@ -20,8 +20,6 @@ from pdd_ray.forgetting import (
 )
 from pdd_ray.training import TrainRecipe, train
 
-from conftest import tiny_overrides
-
 
 @pytest.fixture
 def one_thread():
@@ -144,7 +142,7 @@ def test_discard_fraction_config_errors():
     assert cfg.distill.discard_fraction == 0.0 and cfg.distill.discard_from_stage == 2
 
 
-def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path):
+def test_stage1_counts_and_transition_real_pool(ray_session, tmp_path, tiny_overrides):
     from pdd_ray.distill import transition
     from pdd_ray.distill.transition import real_indices
     from pdd_ray.evaluation import StageSet, random_subset
