@@ -124,7 +124,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
     with closed_on_error(tracker):
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
     if tracker is not None:
-        tracker.log_expert_summaries(key, summaries)
+        tracker.on_experts(key, summaries)
         tracker.finish()
     if summaries:
         accs = [s["final_val_acc"] * 100 for s in summaries]

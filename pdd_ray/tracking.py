@@ -201,7 +201,7 @@ class StageLogger:
             self.flush()
 
     def images(self, step: int, images, labels) -> None:
-        from pdd_ray.distill.artifact import grid_array, to_pixels
+        from pdd_ray.image_grid import grid_array, to_pixels
 
         t = self.target
         grid = grid_array(to_pixels(images, t.mean, t.std, t.zca), labels, t.num_classes)
@@ -268,7 +268,7 @@ class RunTracker:
                                         source=f"pdd_ray://{bundle.name}", name=bundle.name, digest=bundle.digest)
         self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
 
-    def log_experts(self, key: str, stage: int) -> None:
+    def _log_stage_experts(self, key: str, stage: int) -> None:
         """Lineage: the expert trajectory set (store key) a stage matched."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
@@ -281,7 +281,7 @@ class RunTracker:
         self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(), ctx)])
         self.stage_expert_keys[stage] = key
 
-    def log_expert_summaries(self, key: str, summaries: list[dict]) -> None:
+    def on_experts(self, key: str, summaries: list[dict]) -> None:
         """Per-expert final accuracy (step = expert index) and the store key they live under."""
         from mlflow.entities import Metric
 
@@ -293,7 +293,7 @@ class RunTracker:
             metrics.append(Metric("expert_final_train_acc", s["final_train_acc"], now, s["index"]))
         log_batches(self.client, self.run_id, metrics=metrics)
 
-    def log_real_examples(self, k: int, n: int) -> None:
+    def on_real_examples(self, k: int, n: int) -> None:
         """How many real training examples stage k's experts used (step = stage; forgetting discarding)."""
         from mlflow.entities import Metric
 
@@ -307,11 +307,15 @@ class RunTracker:
         self.stage_ids[k] = run.info.run_id
         return StageLogTarget(self.uri, run.info.run_id, b.mean, b.std, prepared.zca, b.num_classes)
 
-    def stage_logger(self, k: int, prepared) -> StageLogger:
-        """Stage k's child run, with the logger the driver feeds rank 0's records into."""
-        return StageLogger(self.stage_target(k, prepared))
+    def on_stage_start(self, k: int, prepared, experts_key: str | None) -> StageLogger:
+        """Stage k's child run (and the experts it matches, as lineage), with the logger the
+        driver feeds rank 0's records into."""
+        logger = StageLogger(self.stage_target(k, prepared))
+        if experts_key is not None:
+            self._log_stage_experts(experts_key, k)
+        return logger
 
-    def log_stage_health(self, health) -> None:
+    def _log_stage_health(self, health) -> None:
         """Flags of a stage that kept its initialisation or diverged (``pdd_ray.distill.health``):
         tags on the stage run, its final validation accuracy, and the warning on the run itself."""
         from mlflow.entities import Metric, RunTag
@@ -325,10 +329,12 @@ class RunTracker:
         if health.warning:
             self.client.set_tag(self.run_id, f"pdd.warning.stage{k}", health.warning[:5000])
 
-    def on_stage(self, k: int, outcome, seconds: float, resumed_from_record: bool) -> None:
-        """After stage k: its summary metrics (and its histories when it was not run now)."""
+    def on_stage_end(self, k: int, outcome, seconds: float, resumed_from_record: bool, health) -> None:
+        """After stage k: its health flags, summary metrics (and its histories when it was not
+        run now)."""
         from mlflow.entities import Metric
 
+        self._log_stage_health(health)
         run_id = self.stage_ids[k]
         now = int(time.time() * 1000)
         metrics = [Metric("stage_alpha", outcome.alpha, now, 0), Metric("stage_best_val_acc", outcome.best_val_acc, now, 0),

@@ -22,22 +22,23 @@ class StageSink(Protocol):
 
 
 class RunCallbacks(Protocol):
-    """The calls :func:`pdd_ray.distill.driver.distill` makes on its tracker, in run order."""
+    """The calls the driver makes on its tracker, in run order: ``on_experts`` (stage-1 experts
+    trained now), ``on_real_examples`` (per stage), ``on_stage_start`` / ``on_stage_end`` (per
+    stage) and, from :func:`pdd_ray.pipeline.run`, ``on_report``."""
 
-    def log_expert_summaries(self, key: str, summaries: list[dict]) -> None:
+    def on_experts(self, key: str, summaries: list[dict]) -> None:
         """The stage-1 experts trained now (key, per-expert accuracy)."""
 
-    def log_real_examples(self, k: int, n: int) -> None:
+    def on_real_examples(self, k: int, n: int) -> None:
         """Stage k uses ``n`` real training examples (forgetting-score discarding)."""
 
-    def stage_logger(self, k: int, prepared) -> StageSink:
-        """Stage k begins: where its metrics and images go."""
+    def on_stage_start(self, k: int, prepared, experts_key: str | None) -> StageSink:
+        """Stage k begins, matching the expert trajectories under ``experts_key`` (None: fresh
+        networks): where its metrics and images go."""
 
-    def log_experts(self, key: str, stage: int) -> None:
-        """The expert trajectories (store key) stage ``stage`` matches."""
+    def on_stage_end(self, k: int, outcome, seconds: float, resumed_from_record: bool, health) -> None:
+        """Stage k ended: its outcome, time, and whether it kept its initialisation or diverged
+        (``health``, :class:`pdd_ray.distill.health.StageHealth`)."""
 
-    def log_stage_health(self, health) -> None:
-        """Stage k kept its initialisation or diverged (``pdd_ray.distill.health``)."""
-
-    def on_stage(self, k: int, outcome, seconds: float, resumed_from_record: bool) -> None:
-        """Stage k ended: its outcome and time."""
+    def on_report(self, report) -> None:
+        """The run's evaluation report (:class:`pdd_ray.pipeline.RunReport`)."""

@@ -72,7 +72,7 @@ def _first_conditioning(cfg: PddConfig, prepared: Prepared, progress: bool, trac
         with phase("experts"):
             key, summaries = stage1_experts(cfg, prepared, progress=progress)
         if tracker is not None:
-            tracker.log_expert_summaries(key, summaries)
+            tracker.on_experts(key, summaries)
         return key
     if cfg.distill.discard_fraction > 0:  # the forgetting counts come from stage-1 experts' real-data training
         with phase("experts"):
@@ -114,8 +114,7 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
     t0 = time.perf_counter()
     key = _first_conditioning(cfg, prepared, progress, tracker)
     run = _Run(keys=[key], seconds={"experts": time.perf_counter() - t0})
-    n_real = prepared.bundle.train_x.shape[0]
-    record_real_examples(directory, 1, real_examples(cfg, prepared, 1), n_real, tracker, progress)
+    _record_real_examples(prepared, directory, 1, real_examples(cfg, prepared, 1), progress, tracker)
     method = method_class(cfg.distill.method)
     for k in range(1, cfg.distill.num_stages + 1):
         out = _one_stage(cfg, prepared, directory, k, key, run, progress, tracker)
@@ -123,22 +122,35 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
         if on_stage is not None:
             on_stage(k, out)
         if k < cfg.distill.num_stages:
-            t0 = time.perf_counter()
-            with phase(f"transition {k}->{k + 1}"):
-                key = run_transition(cfg, prepared, k, key, run.stages, progress, directory=directory, tracker=tracker)
-            run.seconds[f"transition_{k}"] = time.perf_counter() - t0
-            run.keys.append(key)
+            key = _transition(cfg, prepared, directory, k, key, run, progress, tracker)
     artifact = _write_run_artifact(cfg, prepared, method, directory, run)
     return DistillResult(directory, artifact, run.stages, run.outcomes, run.keys, run.seconds, run.health)
+
+
+def _record_real_examples(prepared: Prepared, directory: Path, k: int, n: int, progress: bool, tracker) -> None:
+    """Stage k uses ``n`` real training examples: in the run directory and on the tracker."""
+    record_real_examples(directory, k, n, prepared.bundle.train_x.shape[0], progress)
+    if tracker is not None:
+        tracker.on_real_examples(k, n)
+
+
+def _transition(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None, run: _Run,
+                progress: bool, tracker) -> str:
+    """The experts of stage k+1 (timed) and the real examples they use; returns their key."""
+    t0 = time.perf_counter()
+    with phase(f"transition {k}->{k + 1}"):
+        key, n = run_transition(cfg, prepared, k, key, run.stages, progress)
+        _record_real_examples(prepared, directory, k + 1, n, progress, tracker)
+    run.seconds[f"transition_{k}"] = time.perf_counter() - t0
+    run.keys.append(key)
+    return key
 
 
 def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None, run: _Run,
                progress: bool, tracker) -> StageOutcome:
     """Stage k's outcome with its time, health check and tracking."""
     t0 = time.perf_counter()
-    sink = tracker.stage_logger(k, prepared) if tracker is not None else None
-    if tracker is not None and key is not None:
-        tracker.log_experts(key, k)
+    sink = tracker.on_stage_start(k, prepared, key) if tracker is not None else None
     out, from_record = _stage_outcome(cfg, prepared, directory, k, key, run.stored, progress, sink)
     run.seconds[f"stage_{k}"] = time.perf_counter() - t0
     run.health.append(stage_health(k, out.best_iteration, out.best_val_acc, out.val_history,
@@ -146,8 +158,7 @@ def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key:
     if run.health[-1].warning:
         print(f"pdd-ray: warning: {run.health[-1].warning}", file=sys.stderr, flush=True)
     if tracker is not None:
-        tracker.log_stage_health(run.health[-1])
-        tracker.on_stage(k, out, run.seconds[f"stage_{k}"], from_record)
+        tracker.on_stage_end(k, out, run.seconds[f"stage_{k}"], from_record, run.health[-1])
     return out
 
 

@@ -88,13 +88,11 @@ def load_stage(directory: Path, k: int) -> StageOutcome | None:
         raise PddError(f"stage record {d} is truncated or corrupt ({type(err).__name__}: {why}); {fix}") from None
 
 
-def record_real_examples(directory: Path, k: int, n: int, total: int, tracker=None, progress: bool = True) -> None:
+def record_real_examples(directory: Path, k: int, n: int, total: int, progress: bool = True) -> None:
     """Note that stage k used ``n`` of the ``total`` real training examples (forgetting-score discarding)."""
     path = directory / "real_examples.json"
     counts = json.loads(path.read_text()) if path.is_file() else {}
     counts[f"stage_{k}"] = n
     _write_json(path, counts)
-    if tracker is not None:
-        tracker.log_real_examples(k, n)
     if progress and n < total:
         tqdm.write(f"stage {k}: real pool {n} of {total} examples (distill.discard_fraction)")

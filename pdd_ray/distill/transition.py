@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 from pdd_ray.config import PddConfig
 from pdd_ray.distill.identity import transition_real_recipe, warmup_recipe
-from pdd_ray.distill.records import record_real_examples
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import StageSet
 from pdd_ray.experts.produce import (
@@ -117,17 +115,14 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | None, union: list[StageSet],
-                   progress: bool = True, directory: Path | None = None, tracker=None) -> str:
-    """Produce (or find) the experts of stage k+1 in parallel; returns their store key.
-
-    With ``directory``, the number of real examples the new experts trained on is recorded
-    in ``<directory>/real_examples.json`` (and on ``tracker``), see :func:`record_real_examples`.
-    """
+                   progress: bool = True) -> tuple[str, int]:
+    """Produce (or find) the experts of stage k+1 in parallel; returns their store key and how
+    many real training examples stage k+1 uses (the driver records it, see
+    :func:`pdd_ray.distill.records.record_real_examples`)."""
     jobs = transition_jobs(cfg, prepared, k, prev_key, union)
     store = TrajectoryStore(expert_store_root(cfg))
     produce(store, jobs, prepared, cfg.experts.cpus, cfg.experts.gpus, f"transition {k}->{k + 1}", progress)
-    if directory is not None and jobs:  # the experts' real data (MTT) or the matched real batches (DM, IDC)
-        indices = jobs[0].real_indices  # already selected for the experts' real epochs; else read the counts
-        n = int(indices.numel()) if indices is not None else real_examples(cfg, prepared, k + 1)
-        record_real_examples(directory, k + 1, n, prepared.bundle.train_x.shape[0], tracker, progress)
-    return jobs[0].key
+    # the experts' real data (MTT) or the matched real batches (DM, IDC)
+    indices = jobs[0].real_indices  # already selected for the experts' real epochs; else read the counts
+    n = int(indices.numel()) if indices is not None else real_examples(cfg, prepared, k + 1)
+    return jobs[0].key, n
