@@ -29,7 +29,7 @@ from pdd_ray.distill.callbacks import RunCallbacks
 from pdd_ray.distill.health import StageHealth, stage_health
 from pdd_ray.distill.identity import run_dir, run_key, run_lock
 from pdd_ray.distill.launch import run_stage
-from pdd_ray.distill.methods import BaseMethod, method_class
+from pdd_ray.distill.methods import BaseMethod, method_class, method_settings
 from pdd_ray.distill.records import StageOutcome, load_stage, record_real_examples, save_stage
 from pdd_ray.distill.transition import real_examples, run_transition
 from pdd_ray.evaluation import StageSet, recipe_from_config
@@ -168,7 +168,7 @@ def _add_stage(cfg: PddConfig, prepared: Prepared, method: type[BaseMethod], k: 
     ev_epochs = cfg.evaluation.epochs_per_stage
     run.outcomes.append(out)
     run.stored.append(StageSet(out.images, out.labels, lr=out.alpha, epochs=ev_epochs, soft_labels=out.soft_labels))
-    train_x, train_y = method.decode(method.stage_params(cfg, prepared.bundle.num_classes, k), out.images, out.labels)
+    train_x, train_y = method.decode(method_settings(cfg, prepared.bundle.num_classes, k), out.images, out.labels)
     run.stages.append(StageSet(train_x, train_y, lr=out.alpha, epochs=ev_epochs, soft_labels=out.soft_labels))
 
 
@@ -185,5 +185,5 @@ def _write_run_artifact(cfg: PddConfig, prepared: Prepared, method: type[BaseMet
         recipe_from_config(cfg.evaluation, cfg.augment.strategy),
         cfg.evaluation.carry_optimizer_state,
         {"run_key": run_key(cfg), "expert_keys": run.keys, "config": cfg.model_dump(mode="json")},
-        decode=method.decode_info(method.stage_params(cfg, b.num_classes, 1)),
+        decode=method.decode_info(method_settings(cfg, b.num_classes, 1)),
     )

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pdd_ray.config import PddConfig
-from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.methods import method_class, method_image_lr, method_settings
 from pdd_ray.errors import PddError
 from pdd_ray.evaluation import recipe_from_config
 from pdd_ray.experts.produce import expert_recipe, kept_epochs, matching_reach
@@ -50,14 +50,13 @@ def stage_settings(cfg: PddConfig, k: int) -> dict:
     """What stage k's workers consume besides their conditioning pool and the frozen stages
     (both keyed by their own settings): the same values ``run_stage`` puts into the ``StageTask``."""
     d = cfg.distill
-    method = method_class(d.method)
     return {
         "method": d.method,
         # per class: the class count is fixed by the data settings, which are part of the run key
-        "params": method.stage_params(cfg, 1, k),
+        "params": method_settings(cfg, 1, k),
         "init": {"ipc": d.ipc_per_stage, "seed": derive_seed(cfg.seed, "stage-init", k)},
         "iterations": d.iterations,
-        "lr_img": method.image_lr(cfg),
+        "lr_img": method_image_lr(cfg),
         "lr_lr": d.lr_lr,
         "lr_init": d.lr_init,
         "eval_every": d.eval_every,

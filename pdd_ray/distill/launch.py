@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -18,10 +17,10 @@ import torch
 from pdd_ray.config import PddConfig
 from pdd_ray.distill.callbacks import StageSink
 from pdd_ray.distill.identity import selection_recipe
-from pdd_ray.distill.methods import method_class
+from pdd_ray.distill.methods import Conditioning, MethodContext, StageSets, method_class, method_image_lr, method_settings
 from pdd_ray.distill.methods.base import check_real_classes
 from pdd_ray.distill.records import StageOutcome
-from pdd_ray.distill.stage import StageState, StageTask, stage_worker
+from pdd_ray.distill.stage import Optimisation, Runtime, StageState, StageTask, Validation, stage_worker
 from pdd_ray.distill.stage_progress import ProgressBoard, _watch
 from pdd_ray.distill.transition import real_indices
 from pdd_ray.errors import PddError
@@ -55,105 +54,63 @@ def _check_fits_cluster(workers: int, cpus: int, use_gpu: bool) -> None:
         )
 
 
-@dataclass
-class _Conditioning:
-    """Where stage k's conditioning pool lives: the store, its key (None: fresh networks) and
-    the expert indices present."""
-
-    store_root: str
-    key: str | None
-    indices: list[int]
-
-
-@dataclass
-class _InitialSets:
-    """The stage's starting images and labels, and the frozen earlier stages it matches with."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    soft_labels: torch.Tensor | None  # learned logits (DATM), None for hard labels
-    frozen_images: torch.Tensor
-    frozen_labels: torch.Tensor
-    frozen_soft_labels: torch.Tensor | None
-
-
-def _conditioning(cfg: PddConfig, expert_key: str | None) -> _Conditioning:
-    """The stage's conditioning pool; a method that matches trajectories needs its experts."""
+def _conditioning(cfg: PddConfig, expert_key: str | None) -> Conditioning:
+    """The stage's conditioning networks; a method that matches trajectories needs its experts."""
     store = TrajectoryStore(expert_store_root(cfg))
     indices = store.indices(expert_key) if expert_key else []
     if method_class(cfg.distill.method).needs_trajectories and not indices:
         raise PddError(f"no experts under key {expert_key} in {store.root}; run `pdd-ray experts` first")
-    return _Conditioning(store.root, expert_key, indices)
+    return Conditioning(store.root, expert_key, indices)
 
 
-def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: _Conditioning,
-                  frozen: list[StageSet]) -> _InitialSets:
+def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: Conditioning,
+                  frozen: list[StageSet]) -> StageSets:
     """Stage k's initial images: the method's own (DATM: correctly classified reals with the
     expert's logits; IDC: several real images per stored one) or a seeded random subset."""
     d, b = cfg.distill, prepared.bundle
     method = method_class(d.method)
-    params = method.stage_params(cfg, b.num_classes, k)
+    settings = method_settings(cfg, b.num_classes, k)
     init_seed = derive_seed(cfg.seed, "stage-init", k)
     init_soft = None
-    soft_init = method.init_soft_labels(params, b, d.ipc_per_stage, init_seed, prepared.spec, cond.store_root,
-                                        cond.key, cond.indices)
+    soft_init = method.init_soft_labels(settings, b, d.ipc_per_stage, init_seed, prepared.spec, cond)
     if soft_init is not None:
         init_x, init_y, init_soft = soft_init
     else:
-        init = method.init_images(params, b, d.ipc_per_stage, init_seed)
+        init = method.init_images(settings, b, d.ipc_per_stage, init_seed)
         init_x, init_y = init if init is not None else random_subset(b, d.ipc_per_stage, init_seed)
     frozen_x = torch.cat([s.images for s in frozen]) if frozen else init_x[:0]
     frozen_y = torch.cat([s.labels for s in frozen]) if frozen else init_y[:0]
     frozen_soft = None
     if init_soft is not None:
         frozen_soft = torch.cat([s.soft_labels for s in frozen]) if frozen else init_soft[:0]
-    return _InitialSets(init_x, init_y, init_soft, frozen_x, frozen_y, frozen_soft)
+    return StageSets(frozen_x, frozen_y, init_x, init_y, init_soft, frozen_soft)
 
 
-def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: _Conditioning,
-                init: _InitialSets, board, record: bool) -> StageTask:
+def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: Conditioning,
+                init: StageSets, board, record: bool) -> StageTask:
     """Everything stage k's workers need, sent once through ``train_loop_config``."""
     d, b = cfg.distill, prepared.bundle
     method = method_class(d.method)
-    params = method.stage_params(cfg, b.num_classes, k)
+    settings = method_settings(cfg, b.num_classes, k)
     fail_at = os.environ.get(FAIL_AT_ENV)
     return StageTask(
-        stage=k,
         method=d.method,
-        params=params,
-        spec=prepared.spec,
-        store_root=cond.store_root,
-        expert_key=cond.key,
-        expert_indices=cond.indices,
-        frozen_images=init.frozen_images,
-        frozen_labels=init.frozen_labels,
-        init_images=init.images,
-        new_labels=init.labels,
-        val_ref=ray.put((b.val_x, b.val_y)),
-        iterations=d.iterations,
-        lr_img=method.image_lr(cfg),
-        lr_lr=d.lr_lr,
-        lr_init=d.lr_init,
-        eval_every=d.eval_every,
-        eval_runs=d.eval_runs,
-        eval_recipe=selection_recipe(cfg),
-        checkpoint_every=d.checkpoint_every,
-        augment=cfg.augment.strategy,
-        seed=cfg.seed,
-        use_gpu=d.use_gpu,
-        real_ref=_real_ref(cfg, prepared, k) if method.needs_real_data else None,
-        threads=d.cpus_per_worker,
-        fail_at=int(fail_at) if fail_at and k == 1 else None,
-        fail_marker=str(directory / "injected_failure.marker"),
-        progress=board,
-        record=record,
-        deterministic=d.deterministic,
-        image_limit=float(b.train_x.abs().max()),
-        problem_path=str(_problem_path(directory, k)),
-        init_soft_labels=init.soft_labels,
-        frozen_soft_labels=init.frozen_soft_labels,
-        lr_labels=float(params.get("lr_labels", 0.0)),
-        momentum_labels=float(params.get("momentum_labels", 0.0)),
+        context=MethodContext(
+            stage=k, seed=cfg.seed, spec=prepared.spec, augment=cfg.augment.strategy, settings=settings, sets=init,
+            conditioning=cond, real_ref=_real_ref(cfg, prepared, k) if method.needs_real_data else None,
+        ),
+        optimisation=Optimisation(
+            iterations=d.iterations, lr_img=method_image_lr(cfg), lr_lr=d.lr_lr, lr_init=d.lr_init,
+            checkpoint_every=d.checkpoint_every, image_limit=float(b.train_x.abs().max()),
+            lr_labels=float(settings.get("lr_labels", 0.0)), momentum_labels=float(settings.get("momentum_labels", 0.0)),
+        ),
+        validation=Validation(every=d.eval_every, runs=d.eval_runs, recipe=selection_recipe(cfg),
+                              val_ref=ray.put((b.val_x, b.val_y))),
+        runtime=Runtime(
+            use_gpu=d.use_gpu, threads=d.cpus_per_worker, deterministic=d.deterministic, progress=board, record=record,
+            fail_at=int(fail_at) if fail_at and k == 1 else None,
+            fail_marker=str(directory / "injected_failure.marker"), problem_path=str(_problem_path(directory, k)),
+        ),
     )
 
 
@@ -195,7 +152,7 @@ def run_stage(
 ) -> StageOutcome:
     """Distill stage k's new images with a TorchTrainer; resumes from its latest checkpoint.
 
-    ``expert_key`` names the stage's conditioning pool in the trajectory store (expert
+    ``expert_key`` names the stage's conditioning networks in the trajectory store (expert
     trajectories for MTT, networks trained on S_<k for the other methods); None at stage 1 of
     a method that starts from fresh random networks. ``sink`` (the tracker's stage logger)
     gets rank 0's per-iteration metrics and image grids, on this process.
@@ -229,7 +186,7 @@ def run_stage(
     best = state.best
     return StageOutcome(
         images=best.images.float(),
-        labels=init.labels.clone(),
+        labels=init.new_labels.clone(),
         alpha=best.alpha,
         best_val_acc=best.acc,
         best_iteration=best.iteration,

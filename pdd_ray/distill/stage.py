@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import ray
 import ray.train
@@ -25,11 +25,15 @@ import torch.distributed as dist
 
 from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
-from pdd_ray.distill.methods import BaseMethod, method_class
+from pdd_ray.distill.methods import BaseMethod, MethodContext, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
 
 STATE_FILE = "state.pt"
 
@@ -39,47 +43,63 @@ STATE_FILE = "state.pt"
 ALPHA_FLOOR = 1e-3
 
 
-@dataclass
-class StageTask:
-    """Everything a worker needs for one stage (sent once through ``train_loop_config``)."""
+@dataclass(frozen=True)
+class Optimisation:
+    """How the new images (and α, and soft labels) are optimised, and when checkpoints are taken."""
 
-    stage: int
-    method: str  # a key of pdd_ray.distill.methods.METHODS
-    params: dict  # the method's settings for this stage (BaseMethod.stage_params)
-    spec: ModelSpec
-    store_root: str
-    expert_key: str | None  # conditioning pool (experts / networks trained on S_<k); None: fresh nets
-    expert_indices: list[int]
-    frozen_images: torch.Tensor
-    frozen_labels: torch.Tensor
-    init_images: torch.Tensor
-    new_labels: torch.Tensor
-    val_ref: Any  # ObjectRef of (val_x, val_y): shipped once per node, not per config copy
     iterations: int
     lr_img: float
     lr_lr: float
     lr_init: float
-    eval_every: int
-    eval_runs: int
-    eval_recipe: TrainRecipe
     checkpoint_every: int
-    augment: str
-    seed: int
+    image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
+    lr_labels: float = 0.0  # learned soft labels (DATM)
+    momentum_labels: float = 0.0
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The in-loop validation that selects the stage's best iterate."""
+
+    every: int
+    runs: int
+    recipe: TrainRecipe
+    val_ref: ObjectRef | None  # (val_x, val_y) in the object store: shipped once per node, not per config copy
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a worker runs: threads, device, determinism, the progress actor and the test hooks."""
+
     use_gpu: bool
-    real_ref: Any = None  # ObjectRef of (train_x, train_y) real pool, for methods that read real data
     threads: int = 1
+    deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
+    progress: ActorHandle | None = None  # ProgressBoard (rank 0 pushes iteration, loss, α, val acc)
+    record: bool = False  # rank 0 records its metrics and images on ``progress`` for the driver's tracker
     fail_at: int | None = None  # test hook: rank 0 raises once at this iteration
     fail_marker: str | None = None
-    progress: Any = None  # ProgressBoard actor handle (rank 0 pushes iteration, loss, α, val acc)
-    record: bool = False  # rank 0 records its metrics and images on ``progress`` for the driver's tracker
-    deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
-    image_limit: float | None = None  # largest |pixel| of the real data (divergence check)
     problem_path: str | None = None  # rank 0 writes a non-finite/diverged stop's one-line reason here
-    # learned soft labels (DATM): the new images' initial logits and the frozen stages' logits
-    init_soft_labels: torch.Tensor | None = None
-    frozen_soft_labels: torch.Tensor | None = None
-    lr_labels: float = 0.0
-    momentum_labels: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """Everything a worker needs for one stage (sent once through ``train_loop_config``): the
+    base method's name and what it sees (:class:`MethodContext`), the optimisation, the
+    validation and how the worker runs."""
+
+    method: str  # a key of pdd_ray.distill.methods.METHODS
+    context: MethodContext
+    optimisation: Optimisation
+    validation: Validation
+    runtime: Runtime
+
+    @property
+    def stage(self) -> int:
+        return self.context.stage
+
+    @property
+    def seed(self) -> int:
+        return self.context.seed
 
 
 def use_deterministic(on: bool) -> None:
@@ -138,25 +158,25 @@ def validate(task: StageTask, union_x: torch.Tensor, union_y: torch.Tensor, alph
     """Mean validation accuracy of ``eval_runs`` networks trained on the union with lr α,
     shared out over the stage's workers (:func:`shared_mean`); every worker calls it.
 
-    Networks start from the method's conditioned pool (random inits at stage 1, models already
+    Networks start from the method's conditioning networks (random inits at stage 1, models already
     trained on S_<k later), so the in-loop check is itself progressive.
     """
-    val_x, val_y = ray.get(task.val_ref)
-    train_x, train_y = method.decode(task.params, union_x, union_y)
+    val_x, val_y = ray.get(task.validation.val_ref)
+    train_x, train_y = method.decode(task.context.settings, union_x, union_y)
 
     def run(r: int) -> float:
         scores = progressive_run(
-            task.spec,
+            task.context.spec,
             [StageSet(train_x, train_y, lr=alpha, soft_labels=union_soft)],
-            task.eval_recipe,
+            task.validation.recipe,
             {"val": (val_x, val_y)},
             derive_seed(task.seed, "stage", task.stage, "validate", r),
-            use_gpu=task.use_gpu,
+            use_gpu=task.runtime.use_gpu,
             init_params=method.validation_init(r),
         )
         return scores["val"][-1]
 
-    return shared_mean(task.eval_runs, run, method.device)
+    return shared_mean(task.validation.runs, run, method.device)
 
 
 #: Where each base method's image learning rate is set (for the non-finite error's hint).
@@ -183,9 +203,10 @@ def nonfinite_problem(task: StageTask, iteration: int, **values: torch.Tensor | 
         t = torch.as_tensor(v)
         if not bool(torch.isfinite(t).all()):
             key = IMAGE_LR_KEY.get(task.method, "the method's image learning rate")
+            opt = task.optimisation
             return (f"stage {task.stage}, iteration {iteration}: {names.get(name, name)} is not finite "
-                    f"({'nan' if bool(torch.isnan(t).any()) else 'inf'}); likely cause: {key} = {task.lr_img:g} is "
-                    f"too large (or distill.lr_lr = {task.lr_lr:g}); lower it and re-run (the stage resumes from its "
+                    f"({'nan' if bool(torch.isnan(t).any()) else 'inf'}); likely cause: {key} = {opt.lr_img:g} is "
+                    f"too large (or distill.lr_lr = {opt.lr_lr:g}); lower it and re-run (the stage resumes from its "
                     f"last finite checkpoint)")
     return None
 
@@ -199,15 +220,16 @@ DIVERGED_FACTOR = 1e4
 
 def diverged_problem(task: StageTask, iteration: int, images: torch.Tensor) -> str | None:
     """A one-line description when the images left the real data's range by ``DIVERGED_FACTOR``."""
-    if task.image_limit is None:
+    limit = task.optimisation.image_limit
+    if limit is None:
         return None
     peak = float(images.detach().abs().max()) if images.numel() else 0.0
-    if peak <= DIVERGED_FACTOR * task.image_limit:
+    if peak <= DIVERGED_FACTOR * limit:
         return None
     key = IMAGE_LR_KEY.get(task.method, "the method's image learning rate")
     return (f"stage {task.stage}, iteration {iteration}: the synthetic images diverged (max |x| = {peak:.3g}, "
-            f"the real data lie within ±{task.image_limit:.3g}); likely cause: {key} = {task.lr_img:g} is too large; "
-            f"lower it and re-run")
+            f"the real data lie within ±{limit:.3g}); likely cause: {key} = {task.optimisation.lr_img:g} is too "
+            f"large; lower it and re-run")
 
 
 @dataclass
@@ -291,18 +313,19 @@ class StageRun:
 
     def __init__(self, task: StageTask, rank: int, device: torch.device) -> None:
         self.task, self.rank, self.device = task, rank, device
-        self.method = method_class(task.method)(task, device)
-        self.images = task.init_images.clone().to(device).requires_grad_(True)
-        self.alpha = torch.tensor(task.lr_init, device=device, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=task.lr_img, momentum=0.5)
-        self.opt_lr = torch.optim.SGD([self.alpha], lr=task.lr_lr, momentum=0.5)
-        self.soft = task.init_soft_labels is not None
-        self.labels = task.init_soft_labels.clone().float().to(device).requires_grad_(True) if self.soft else None
+        self.method = method_class(task.method)(task.context, device)
+        sets, opt = task.context.sets, task.optimisation
+        self.images = sets.init_images.clone().to(device).requires_grad_(True)
+        self.alpha = torch.tensor(opt.lr_init, device=device, requires_grad=True)
+        self.opt_img = torch.optim.SGD([self.images], lr=opt.lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self.alpha], lr=opt.lr_lr, momentum=0.5)
+        self.soft = sets.init_soft_labels is not None
+        self.labels = sets.init_soft_labels.clone().float().to(device).requires_grad_(True) if self.soft else None
         self.method.soft_labels = self.labels
-        self.opt_labels = (torch.optim.SGD([self.labels], lr=task.lr_labels, momentum=task.momentum_labels)
+        self.opt_labels = (torch.optim.SGD([self.labels], lr=opt.lr_labels, momentum=opt.momentum_labels)
                            if self.soft else None)
         self.start = 0
-        self.best = Best(-1.0, -1, self.images.detach().cpu().clone(), float(task.lr_init),
+        self.best = Best(-1.0, -1, self.images.detach().cpu().clone(), float(opt.lr_init),
                          self.labels.detach().cpu().clone() if self.soft else None)
         self.losses: list[float] = []
         self.val_history: list[tuple[int, float]] = []
@@ -310,7 +333,7 @@ class StageRun:
     def alpha_now(self) -> float:
         """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
         tensor would round 0.01 to 0.009999999776)."""
-        return float(self.alpha.detach()) if self.method.learns_alpha else float(self.task.lr_init)
+        return float(self.alpha.detach()) if self.method.learns_alpha else float(self.task.optimisation.lr_init)
 
     def restore(self, state: StageState) -> None:
         """Continue from a checkpoint: the same tensors, optimiser moments and history."""
@@ -340,10 +363,10 @@ class StageRun:
 
     def validate(self, it: int) -> float:
         """Rank 0: validation accuracy of the union now; keeps the best iterate."""
-        task = self.task
-        union_x = torch.cat([task.frozen_images, self.images.detach().cpu()])
-        union_y = torch.cat([task.frozen_labels, task.new_labels])
-        union_s = torch.cat([task.frozen_soft_labels, self.labels.detach().cpu()]) if self.soft else None
+        task, sets = self.task, self.task.context.sets
+        union_x = torch.cat([sets.frozen_images, self.images.detach().cpu()])
+        union_y = torch.cat([sets.frozen_labels, sets.new_labels])
+        union_s = torch.cat([sets.frozen_soft_labels, self.labels.detach().cpu()]) if self.soft else None
         val_acc = validate(task, union_x, union_y, self.alpha_now(), self.method, union_s)
         self.val_history.append((it, val_acc))
         if val_acc > self.best.acc:
@@ -379,7 +402,7 @@ class StageRun:
             self.alpha.grad = grad_a.reshape(())
             self.opt_lr.step()
             with torch.no_grad():
-                self.alpha.clamp_(min=ALPHA_FLOOR * task.lr_init)
+                self.alpha.clamp_(min=ALPHA_FLOOR * task.optimisation.lr_init)
         problem = (nonfinite_problem(task, it, images=self.images.detach(), alpha=self.alpha.detach(),
                                      soft_labels=self.labels.detach() if soft else None)
                    or diverged_problem(task, it, self.images))
@@ -388,20 +411,21 @@ class StageRun:
 
 def _setup_worker(task: StageTask, rank: int) -> torch.device:
     """Threads, determinism and the torch seed of this worker; returns its device."""
-    device = pick_device(task.use_gpu)
-    torch.set_num_threads(task.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
-    if task.deterministic:
+    device = pick_device(task.runtime.use_gpu)
+    torch.set_num_threads(task.runtime.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
+    if task.runtime.deterministic:
         use_deterministic(True)
     torch.manual_seed(derive_seed(task.seed, "stage", task.stage, "worker", rank))
     return device
 
 
 def _maybe_inject_failure(task: StageTask, it: int, rank: int) -> None:
-    """Test hook (``FAIL_AT_ENV``): rank 0 raises once at ``task.fail_at``; the marker file
+    """Test hook (``FAIL_AT_ENV``): rank 0 raises once at ``runtime.fail_at``; the marker file
     makes the restarted worker go on."""
-    if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
-        if not os.path.exists(task.fail_marker):
-            Path(task.fail_marker).write_text(str(it))
+    rt = task.runtime
+    if rt.fail_at is not None and it == rt.fail_at and rank == 0 and rt.fail_marker:
+        if not os.path.exists(rt.fail_marker):
+            Path(rt.fail_marker).write_text(str(it))
             raise RuntimeError(f"injected failure at iteration {it}")
 
 
@@ -409,8 +433,8 @@ def _stop(task: StageTask, rank: int, it: int, problem: str, recorder: _Recorder
     """Stop the stage without a checkpoint (the latest one is the last finite state)."""
     if recorder is not None:
         recorder.flush()
-    if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
-        write_text_atomic(Path(task.problem_path), problem)  # metrics reported without checkpoints)
+    if rank == 0 and task.runtime.problem_path:  # the driver turns it into a PddError (Train drops
+        write_text_atomic(Path(task.runtime.problem_path), problem)  # metrics reported without checkpoints)
     ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
 
 
@@ -449,9 +473,9 @@ class _Recorder:
 
 def _stage_recorder(task: StageTask, rank: int) -> _Recorder | None:
     """Rank 0's recorder when the run is tracked, else None."""
-    if rank != 0 or not task.record or task.progress is None:
+    if rank != 0 or not task.runtime.record or task.runtime.progress is None:
         return None
-    return _Recorder(task.progress)
+    return _Recorder(task.runtime.progress)
 
 
 def stage_worker(config: dict) -> None:
@@ -477,17 +501,18 @@ def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
     if checkpoint is not None:
         run.restore(StageState.load(checkpoint))
     recorder = _stage_recorder(task, rank)
+    iterations, board = task.optimisation.iterations, task.runtime.progress
     val_acc = run.val_history[-1][1] if run.val_history else float("nan")
     evaluated = {i for i, _ in run.val_history}  # a finished stage's final checkpoint already holds its last row
-    for it in range(run.start, task.iterations + 1):
-        if (it % task.eval_every == 0 or it == task.iterations) and it not in evaluated:
+    for it in range(run.start, iterations + 1):
+        if (it % task.validation.every == 0 or it == iterations) and it not in evaluated:
             val_acc = run.validate(it)  # every rank trains its share of the validation networks
-            if rank == 0 and task.progress is not None:
-                task.progress.update.remote(val_acc=val_acc)
+            if rank == 0 and board is not None:
+                board.update.remote(val_acc=val_acc)
             if recorder is not None:
                 recorder.metrics(it, val_acc=val_acc)
-                recorder.images(it, run.images.detach().cpu().clone(), task.new_labels)
-        if it == task.iterations:
+                recorder.images(it, run.images.detach().cpu().clone(), task.context.sets.new_labels)
+        if it == iterations:
             break
         _maybe_inject_failure(task, it, rank)
         problem, loss_t, grad_x = run.step(it)
@@ -495,15 +520,15 @@ def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
             _stop(task, rank, it, problem, recorder)
             return
         run.losses.append(float(loss_t))
-        if rank == 0 and task.progress is not None:
-            task.progress.update.remote(iteration=it + 1, loss=run.losses[-1], alpha=run.alpha_now())
+        if rank == 0 and board is not None:
+            board.update.remote(iteration=it + 1, loss=run.losses[-1], alpha=run.alpha_now())
         if recorder is not None:
             recorder.metrics(it + 1, loss=run.losses[-1], alpha=run.alpha_now(), grad_norm=float(grad_x.norm()))
         done_it = it + 1
-        if done_it % task.checkpoint_every == 0 and done_it < task.iterations:
+        if done_it % task.optimisation.checkpoint_every == 0 and done_it < iterations:
             _report(run, recorder, done_it, {"iteration": done_it, "loss": run.losses[-1], "alpha": run.alpha_now(),
                                            "grad_norm": float(grad_x.norm()), "val_acc": val_acc,
                                            "best_val_acc": run.best.acc})
-    final = {"iteration": task.iterations, "loss": run.losses[-1] if run.losses else float("nan"),
+    final = {"iteration": iterations, "loss": run.losses[-1] if run.losses else float("nan"),
              "alpha": run.alpha_now(), "grad_norm": 0.0, "val_acc": val_acc, "best_val_acc": run.best.acc}
-    _report(run, recorder, task.iterations, final, done=True)
+    _report(run, recorder, iterations, final, done=True)

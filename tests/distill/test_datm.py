@@ -14,7 +14,7 @@ from pdd_ray.distill.driver import distill
 from pdd_ray.distill.identity import run_dir
 from pdd_ray.distill.launch import FAIL_AT_ENV
 from pdd_ray.distill.records import load_stage
-from pdd_ray.distill.methods import METHODS
+from pdd_ray.distill.methods import METHODS, Conditioning, MethodContext, SettingsContext, StageSets
 from pdd_ray.distill.methods.datm import DatmMethod, datm_reach, window_bounds, window_upper
 from pdd_ray.distill.stage import StageTask
 from pdd_ray.errors import PddError
@@ -38,7 +38,7 @@ def test_registered_and_window_grows_and_shifts(tmp_path, tiny_overrides):
     cfg = load_config("digits", tiny_overrides(str(tmp_path)) + DATM)
     assert window_bounds(cfg, 1) == (0, 2, 3) and window_bounds(cfg, 2) == (1, 3, 4)
     assert datm_reach(cfg) == 5  # stage 2's final upper bound 4 + expert_epochs 1
-    p = DatmMethod.stage_params(cfg, 10, 1)
+    p = DatmMethod.stage_settings(SettingsContext(cfg.distill, 10, 1), cfg.datm)
     assert [window_upper(p, it) for it in range(5)] == [2, 2, 2, 2, 3]  # DATM: upper + floor((final - upper) * it / expansion)
 
 
@@ -58,8 +58,8 @@ def test_bad_windows_are_one_line_errors(tmp_path, extra, words, tiny_overrides)
 # ----------------------------------------------------------------------------------------------
 
 
-def _task(tmp_path, frozen_soft: torch.Tensor) -> tuple[StageTask, ModelSpec]:
-    """A stage-2 task over two fake experts written to a real trajectory store."""
+def _task(tmp_path, frozen_soft: torch.Tensor) -> tuple[MethodContext, ModelSpec]:
+    """A stage-2 method context over two fake experts written to a real trajectory store."""
     from pdd_ray.experts.store import TrajectoryStore
     from pdd_ray.models import FlatModel
     from pdd_ray.modelspec import build_seeded
@@ -71,17 +71,15 @@ def _task(tmp_path, frozen_soft: torch.Tensor) -> tuple[StageTask, ModelSpec]:
         rows = torch.stack([w + 0.01 * e * torch.randn(w.shape, generator=generator(e + 10 * j)) for e in range(6)])
         store.write("k", j, rows.numpy(), meta={})
     g = generator(0)
-    task = StageTask(
-        stage=2, method="datm",
-        params={"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2, "max_start_epoch_final": 4,
-                "min_start_epoch": 0, "expansion_iterations": 4, "batch_syn": 6, "unroll": "full",
-                "soft_labels": True, "lr_labels": 1.0, "momentum_labels": 0.9, "label_epoch": None},
-        spec=spec, store_root=store.root, expert_key="k", expert_indices=[0, 1],
-        frozen_images=torch.randn(3, 1, 8, 8, generator=g), frozen_labels=torch.arange(3),
-        init_images=torch.randn(6, 1, 8, 8, generator=g), new_labels=torch.arange(3).repeat_interleave(2),
-        val_ref=None, iterations=4, lr_img=1.0, lr_lr=0.0, lr_init=0.01, eval_every=10, eval_runs=1,
-        eval_recipe=TrainRecipe(epochs=1, lr=0.01), checkpoint_every=10, augment="none", seed=0, use_gpu=False,
-        init_soft_labels=torch.randn(6, 3, generator=g), frozen_soft_labels=frozen_soft,
+    task = MethodContext(
+        stage=2, seed=0, spec=spec, augment="none",
+        settings={"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2, "max_start_epoch_final": 4,
+                  "min_start_epoch": 0, "expansion_iterations": 4, "batch_syn": 6, "unroll": "full",
+                  "soft_labels": True, "lr_labels": 1.0, "momentum_labels": 0.9, "label_epoch": None},
+        sets=StageSets(frozen_images=torch.randn(3, 1, 8, 8, generator=g), frozen_labels=torch.arange(3),
+                       init_images=torch.randn(6, 1, 8, 8, generator=g), new_labels=torch.arange(3).repeat_interleave(2),
+                       init_soft_labels=torch.randn(6, 3, generator=g), frozen_soft_labels=frozen_soft),
+        conditioning=Conditioning(store.root, "k", [0, 1]),
     )
     return task, spec
 
@@ -91,8 +89,8 @@ def test_soft_label_gradients_reach_only_the_new_stage_logits(tmp_path):
     frozen_before = frozen.detach().clone()
     task, _ = _task(tmp_path, frozen)
     method = DatmMethod(task, torch.device("cpu"))
-    new_x = task.init_images.clone().requires_grad_(True)
-    new_s = task.init_soft_labels.clone().requires_grad_(True)
+    new_x = task.sets.init_images.clone().requires_grad_(True)
+    new_s = task.sets.init_soft_labels.clone().requires_grad_(True)
     method.soft_labels = new_s
     alpha = torch.tensor(0.01, requires_grad=True)
     opt = torch.optim.SGD([new_s], lr=1.0, momentum=0.9)
@@ -104,7 +102,7 @@ def test_soft_label_gradients_reach_only_the_new_stage_logits(tmp_path):
         opt.step()
     assert frozen.grad is None  # no gradient ever reached the frozen stage's logits
     assert torch.equal(frozen.detach(), frozen_before)
-    assert not torch.equal(new_s.detach(), task.init_soft_labels)
+    assert not torch.equal(new_s.detach(), task.sets.init_soft_labels)
     # and the frozen logits are really used: other frozen logits give another loss
     loss_a = method.update(0, 0, new_x, alpha, generator(7)).loss
     task2, _ = _task(tmp_path / "b", frozen_before + 3 * torch.eye(3))
@@ -181,18 +179,18 @@ def test_frozen_stage_labels_stay_bit_identical(twin_runs):
     cfg, _, result = twin_runs["killed"]
     recorded = load_stage(result.directory, 1)  # written when stage 1 finished, before stage 2 ran
     stage2 = [t for t in twin_runs["tasks"] if t.stage == 2][0]
-    assert torch.equal(stage2.frozen_soft_labels, recorded.soft_labels)  # what stage 2 matched against
+    assert torch.equal(stage2.context.sets.frozen_soft_labels, recorded.soft_labels)  # what stage 2 matched against
     assert torch.equal(result.stages[0].soft_labels, recorded.soft_labels)
     art = load_distilled(result.artifact)
     assert torch.equal(art.stages[0].soft_labels, recorded.soft_labels)
     # stage 2 has logits of its own (whether they moved is the unit test's business: selection
     # may keep iteration 0 on these tiny settings)
-    assert stage2.init_soft_labels.shape == result.stages[1].soft_labels.shape
+    assert stage2.context.sets.init_soft_labels.shape == result.stages[1].soft_labels.shape
 
 
 def test_init_keeps_only_images_the_expert_classifies_correctly(twin_runs):
     for t in twin_runs["tasks"]:
-        assert torch.equal(t.init_soft_labels.argmax(1), t.new_labels)
+        assert torch.equal(t.context.sets.init_soft_labels.argmax(1), t.context.sets.new_labels)
 
 
 def test_artifact_round_trips_soft_labels_and_evaluate_uses_them(twin_runs, capsys):

@@ -50,25 +50,26 @@ def two_workers(ray_session, tmp_path_factory, tiny_overrides):
 
 def _rank_update(task, rank: int):
     """What rank ``rank`` computes at iteration 0, in this process, recording the snapshots it reads."""
-    method = method_class(task.method)(task, torch.device("cpu"))
+    method = method_class(task.method)(task.context, torch.device("cpu"))
     reads: list[tuple[int, int]] = []
-    params = method.pool.params
+    weights = method.nets.weights
 
     def recording(index, epoch, device):
         reads.append((int(index), int(epoch)))
-        return params(index, epoch, device)
+        return weights(index, epoch, device)
 
-    method.pool.params = recording
-    x = task.init_images.clone().requires_grad_(True)
-    alpha = torch.tensor(task.lr_init, requires_grad=True)
+    method.nets.weights = recording
+    x = task.context.sets.init_images.clone().requires_grad_(True)
+    alpha = torch.tensor(task.optimisation.lr_init, requires_grad=True)
     res = method.update(0, rank, x, alpha, iteration_generator(task.seed, task.stage, 0, rank))
     return reads, res
 
 
 def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers):
     cfg, task, final = two_workers
+    init, opt = task.context.sets.init_images, task.optimisation
     threads = torch.get_num_threads()
-    torch.set_num_threads(task.threads)  # as the workers did
+    torch.set_num_threads(task.runtime.threads)  # as the workers did
     try:
         (reads0, r0), (reads1, r1) = _rank_update(task, 0), _rank_update(task, 1)
     finally:
@@ -80,9 +81,9 @@ def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers
     assert not torch.allclose(r0.grad_images, r1.grad_images)
     # the step the stage applied (SGD, first step: lr x gradient) used the mean of the two gradients
     mean_g = (r0.grad_images + r1.grad_images) / 2
-    torch.testing.assert_close(final["images"], task.init_images - task.lr_img * mean_g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(final["images"], init - opt.lr_img * mean_g, rtol=1e-4, atol=1e-6)
     for one in (r0.grad_images, r1.grad_images):  # ... not one worker's alone
-        assert not torch.allclose(final["images"], task.init_images - task.lr_img * one, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(final["images"], init - opt.lr_img * one, rtol=1e-4, atol=1e-6)
     mean_a = (r0.grad_alpha + r1.grad_alpha) / 2
-    torch.testing.assert_close(final["alpha"], torch.clamp(task.lr_init - task.lr_lr * mean_a, min=1e-3 * task.lr_init),
+    torch.testing.assert_close(final["alpha"], torch.clamp(opt.lr_init - opt.lr_lr * mean_a, min=1e-3 * opt.lr_init),
                                rtol=1e-4, atol=1e-9)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.distill.artifact import load_distilled
 from pdd_ray.distill.records import load_stage
-from pdd_ray.distill.methods import METHODS, method_class
+from pdd_ray.distill.methods import METHODS, Conditioning, MethodContext, SettingsContext, StageSets, method_class
 from pdd_ray.distill.methods.dm import DmMethod
 from pdd_ray.experts.produce import expert_store_root
 from pdd_ray.experts.store import TrajectoryStore
@@ -25,21 +23,22 @@ SPEC = ModelSpec("convnet", 1, CLASSES, 8, width=8, depth=2)
 
 def _task(frozen_per_class: int = 1, new_per_class: int = 2, batch_real: int = 16, augment: str = "crop_scale_rotate",
           new: torch.Tensor | None = None, new_y: torch.Tensor | None = None):
-    """A stand-in StageTask: 20 real images per class whose classes differ in mean brightness."""
+    """A stage's method context: 20 real images per class whose classes differ in mean brightness."""
     g = generator(0)
     real_y = torch.arange(CLASSES).repeat_interleave(20)
     real_x = torch.randn(len(real_y), 1, 8, 8, generator=g) * 0.5 + real_y.view(-1, 1, 1, 1).float()
     frozen_y = torch.arange(CLASSES).repeat_interleave(frozen_per_class)
     if new_y is None:
         new_y = torch.arange(CLASSES).repeat_interleave(new_per_class)
-    task = SimpleNamespace(
-        params={"batch_real": batch_real}, spec=SPEC, store_root="", expert_key=None, expert_indices=[],
-        augment=augment, frozen_images=torch.randn(len(frozen_y), 1, 8, 8, generator=g), frozen_labels=frozen_y,
-        new_labels=new_y, real_ref=(real_x, real_y),
-    )
+    frozen_x = torch.randn(len(frozen_y), 1, 8, 8, generator=g)
     if new is None:
         new = torch.randn(len(new_y), 1, 8, 8, generator=g)
-    return task, new.clone().requires_grad_(True)
+    ctx = MethodContext(
+        stage=1, seed=0, spec=SPEC, augment=augment, settings={"batch_real": batch_real},
+        sets=StageSets(frozen_images=frozen_x, frozen_labels=frozen_y, init_images=new.detach(), new_labels=new_y),
+        conditioning=Conditioning("", None, []), real_ref=(real_x, real_y),
+    )
+    return ctx, new.clone().requires_grad_(True)
 
 
 def _update(method: DmMethod, new: torch.Tensor, seed: int = 7):
@@ -51,8 +50,8 @@ def test_registered_with_its_flags():
     assert not DmMethod.learns_alpha and not DmMethod.needs_trajectories and DmMethod.needs_real_data
     cfg = load_config("digits", ["method=dm", "dm.batch_real=64", "dm.lr_img=3.0"])
     assert cfg.distill.method == "dm"
-    assert DmMethod.image_lr(cfg) == 3.0
-    assert DmMethod.stage_params(cfg, 10, 2) == {"batch_real": 64}
+    assert DmMethod.image_lr(cfg.distill, cfg.dm) == 3.0
+    assert DmMethod.stage_settings(SettingsContext(cfg.distill, 10, 2), cfg.dm) == {"batch_real": 64}
 
 
 def test_embed_is_the_classifier_input():
@@ -63,7 +62,7 @@ def test_embed_is_the_classifier_input():
 
 def test_loss_falls_under_gradient_steps_and_frozen_images_stay_constant():
     task, new = _task()
-    frozen_before = task.frozen_images.clone()
+    frozen_before = task.sets.frozen_images.clone()
     method = DmMethod(task, torch.device("cpu"))
     first = _update(method, new)
     assert first.grad_alpha is None
@@ -76,7 +75,7 @@ def test_loss_falls_under_gradient_steps_and_frozen_images_stay_constant():
             new -= 1.0 * res.grad_images
         losses.append(_update(method, new).loss)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert torch.equal(task.frozen_images, frozen_before)  # frozen images are constants, never touched
+    assert torch.equal(task.sets.frozen_images, frozen_before)  # frozen images are constants, never touched
 
 
 def test_frozen_images_enter_the_class_means():
@@ -118,8 +117,8 @@ def test_stage_one_draws_a_fresh_network_every_iteration():
     assert not torch.equal(w1, method.flat_model.flatten())
 
 
-class _Pool:
-    """A conditioned pool of two known networks (stage k > 1)."""
+class _Nets:
+    """Two known conditioning networks (stage k > 1)."""
 
     def __init__(self) -> None:
         self.indices = [4, 9]
@@ -129,7 +128,7 @@ class _Pool:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
+    def weights(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
         self.calls.append((index, epoch))
         return self.flat[index].to(device)
 
@@ -137,7 +136,7 @@ class _Pool:
 def test_later_stages_use_the_conditioned_pool():
     task, new = _task()
     method = DmMethod(task, torch.device("cpu"))
-    method.pool = pool = _Pool()
+    method.nets = pool = _Nets()
     used = set()
     for seed in range(8):
         _update(method, new, seed)

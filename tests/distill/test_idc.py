@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.config import load_config
-from pdd_ray.distill.methods import METHODS, method_class
+from pdd_ray.distill.methods import METHODS, Conditioning, MethodContext, SettingsContext, StageSets, method_class
 from pdd_ray.distill.methods.idc import IdcMethod, multiformation
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
@@ -30,19 +31,20 @@ def _params(**kw):
 
 
 def _task(frozen_per_class: int = 1, new_per_class: int = 2, augment: str = "crop_scale_rotate", **params):
-    """A stand-in StageTask: 20 real images per class whose classes differ in mean brightness."""
+    """A stage's method context: 20 real images per class whose classes differ in mean brightness."""
     g = generator(0)
     real_y = torch.arange(CLASSES).repeat_interleave(20)
     real_x = torch.randn(len(real_y), 1, 8, 8, generator=g) * 0.5 + real_y.view(-1, 1, 1, 1).float()
     frozen_y = torch.arange(CLASSES).repeat_interleave(frozen_per_class)
     new_y = torch.arange(CLASSES).repeat_interleave(new_per_class)
-    task = SimpleNamespace(
-        params=_params(**params), spec=SPEC, store_root="", expert_key=None, expert_indices=[], augment=augment,
-        frozen_images=torch.randn(len(frozen_y), 1, 8, 8, generator=g), frozen_labels=frozen_y,
-        new_labels=new_y, real_ref=(real_x, real_y), seed=3, stage=1,
-    )
+    frozen_x = torch.randn(len(frozen_y), 1, 8, 8, generator=g)
     new = torch.randn(len(new_y), 1, 8, 8, generator=g).requires_grad_(True)
-    return task, new
+    ctx = MethodContext(
+        stage=1, seed=3, spec=SPEC, augment=augment, settings=_params(**params),
+        sets=StageSets(frozen_images=frozen_x, frozen_labels=frozen_y, init_images=new.detach(), new_labels=new_y),
+        conditioning=Conditioning("", None, []), real_ref=(real_x, real_y),
+    )
+    return ctx, new
 
 
 def _update(method: IdcMethod, new: torch.Tensor, iteration: int = 0, seed: int = 7, rank: int = 0):
@@ -58,8 +60,8 @@ def test_registered_and_config_checks_the_factor():
     assert method_class("idc") is IdcMethod and METHODS["idc"] is IdcMethod
     assert (IdcMethod.learns_alpha, IdcMethod.needs_trajectories, IdcMethod.needs_real_data) == (False, False, True)
     cfg = load_config("digits", ["method=idc", "idc.factor=4", "idc.lr_img=0.1"])
-    assert cfg.distill.method == "idc" and IdcMethod.image_lr(cfg) == 0.1
-    assert IdcMethod.stage_params(cfg, 10, 1)["factor"] == 4
+    assert cfg.distill.method == "idc" and IdcMethod.image_lr(cfg.distill, cfg.idc) == 0.1
+    assert IdcMethod.stage_settings(SettingsContext(cfg.distill, 10, 1), cfg.idc)["factor"] == 4
     with pytest.raises(PddError, match=r"idc.factor = 3 does not divide the image size 8"):
         load_config("digits", ["distill.method=idc", "idc.factor=3"])
     load_config("digits", ["idc.factor=3"])  # another method: the idc section is not used
@@ -129,17 +131,17 @@ def test_mix_init_puts_downsampled_real_images_in_the_quadrants():
 
 def test_frozen_images_get_no_gradient_and_stay_bit_identical():
     task, new = _task()
-    frozen_before = task.frozen_images.clone()
+    frozen_before = task.sets.frozen_images.clone()
     method = IdcMethod(task, torch.device("cpu"))
     res = _update(method, new)
     assert res.grad_images.shape == new.shape and torch.isfinite(res.grad_images).all()
     for c in range(CLASSES):  # every class's new images are matched
-        assert res.grad_images[task.new_labels == c].abs().sum() > 0
-    assert not task.frozen_images.requires_grad and task.frozen_images.grad is None
-    assert torch.equal(task.frozen_images, frozen_before)
+        assert res.grad_images[task.sets.new_labels == c].abs().sum() > 0
+    assert not task.sets.frozen_images.requires_grad and task.sets.frozen_images.grad is None
+    assert torch.equal(task.sets.frozen_images, frozen_before)
     # the frozen stages do take part in the synthetic batch: other frozen images, other loss
     task2, _ = _task()
-    task2.frozen_images = task2.frozen_images + 1.0
+    task2 = replace(task2, sets=replace(task2.sets, frozen_images=task2.sets.frozen_images + 1.0))
     assert _update(IdcMethod(task2, torch.device("cpu")), new).loss != res.loss
 
 
@@ -198,8 +200,8 @@ def test_resumed_network_equals_the_uninterrupted_one():
     assert torch.equal(w4, w4_fresh)
 
 
-class _Pool:
-    """A conditioned pool of two known networks (stage k > 1)."""
+class _Nets:
+    """Two known conditioning networks (stage k > 1)."""
 
     def __init__(self) -> None:
         self.indices = [4, 9]
@@ -208,7 +210,7 @@ class _Pool:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
+    def weights(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
         assert epoch == 0  # snapshot 0: the network trained on S_<k
         return self.flat[index].to(device)
 
@@ -218,9 +220,9 @@ def test_later_stages_draw_the_matching_network_from_the_pool():
     used = set()
     for block in range(8):
         method = IdcMethod(task, torch.device("cpu"))
-        method.pool = _Pool()
+        method.nets = _Nets()
         w = FlatModel(method.network(block, 0)).flatten()  # inner_loop 1: a new network, no training yet
-        hits = [i for i, f in method.pool.flat.items() if torch.equal(w, f)]
+        hits = [i for i, f in method.nets.flat.items() if torch.equal(w, f)]
         assert len(hits) == 1
         used.add(hits[0])
     assert used == {4, 9}

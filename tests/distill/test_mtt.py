@@ -140,20 +140,20 @@ def test_conditioned_pool_closes_the_files_it_opened(tmp_path):
     import numpy as np
 
 
-    from pdd_ray.distill.methods.base import ConditionedPool
+    from pdd_ray.distill.methods.base import Conditioning, ConditioningNets
     from pdd_ray.experts.store import TrajectoryStore
 
     store = TrajectoryStore(str(tmp_path))
     for j in range(3):
         store.write("k", j, np.full((2, 4), j, dtype=np.float32), {"seed": j})
-    pool = ConditionedPool(str(tmp_path), "k", [0, 1, 2])
-    assert float(pool.params(1, 1, torch.device("cpu"))[0]) == 1.0
-    assert float(pool.params(2, 0, torch.device("cpu"))[0]) == 2.0
+    pool = ConditioningNets(Conditioning(str(tmp_path), "k", [0, 1, 2]))
+    assert float(pool.weights(1, 1, torch.device("cpu"))[0]) == 1.0
+    assert float(pool.weights(2, 0, torch.device("cpu"))[0]) == 2.0
     opened = list(pool._readers.values())
     assert len(opened) == 2
     pool.close()
     for reader in opened:
         with pytest.raises(PddError, match="is closed"):
             reader.params(0)
-    assert float(pool.params(1, 0, torch.device("cpu"))[0]) == 1.0  # reopened on demand after a close
+    assert float(pool.weights(1, 0, torch.device("cpu"))[0]) == 1.0  # reopened on demand after a close
     pool.close()

@@ -17,25 +17,26 @@ from pdd_ray.prepare import prepare
 
 
 def test_nonfinite_problem_names_the_value_stage_iteration_and_cause():
-    task = SimpleNamespace(stage=2, method="mtt", lr_img=1e12, lr_lr=1e-5)
+    task = SimpleNamespace(stage=2, method="mtt", optimisation=SimpleNamespace(lr_img=1e12, lr_lr=1e-5))
     ok = nonfinite_problem(task, 7, loss=torch.tensor([0.5]), grad_images=torch.ones(3), alpha=torch.tensor(0.01))
     assert ok is None
     msg = nonfinite_problem(task, 7, loss=torch.tensor([0.5]), grad_images=torch.tensor([1.0, float("nan")]))
     assert "\n" not in msg and msg.startswith("stage 2, iteration 7: the image gradient is not finite (nan)")
     assert "distill.lr_img = 1e+12" in msg
-    msg = nonfinite_problem(SimpleNamespace(stage=1, method="dm", lr_img=5.0, lr_lr=0.0), 0, images=torch.tensor([float("inf")]))
+    dm = SimpleNamespace(stage=1, method="dm", optimisation=SimpleNamespace(lr_img=5.0, lr_lr=0.0))
+    msg = nonfinite_problem(dm, 0, images=torch.tensor([float("inf")]))
     assert "synthetic images" in msg and "(inf)" in msg and "dm.lr_img = 5" in msg
 
 
 def test_diverged_images_are_a_problem_too():
     from pdd_ray.distill.stage import DIVERGED_FACTOR, diverged_problem
 
-    task = SimpleNamespace(stage=1, method="mtt", lr_img=1e12, lr_lr=1e-5, image_limit=3.0)
+    task = SimpleNamespace(stage=1, method="mtt", optimisation=SimpleNamespace(lr_img=1e12, lr_lr=1e-5, image_limit=3.0))
     assert diverged_problem(task, 0, torch.full((2, 2), 3.0 * DIVERGED_FACTOR)) is None
     msg = diverged_problem(task, 4, torch.tensor([1.0, -1.5e9]))
     assert "\n" not in msg and msg.startswith("stage 1, iteration 4: the synthetic images diverged")
     assert "1.5e+09" in msg and "distill.lr_img = 1e+12" in msg
-    assert diverged_problem(SimpleNamespace(image_limit=None), 0, torch.tensor([1e30])) is None
+    assert diverged_problem(SimpleNamespace(optimisation=SimpleNamespace(image_limit=None)), 0, torch.tensor([1e30])) is None
 
 
 def test_huge_image_lr_stops_with_one_line_and_writes_no_nan(ray_session, tmp_path, tiny_overrides):

@@ -24,8 +24,61 @@ from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.experts.trajectory import load_start_params
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from pdd_ray.config import PddConfig
-    from pdd_ray.distill.stage import StageTask
+    from ray import ObjectRef
+
+    from pdd_ray.config import DistillConfig
+    from pdd_ray.modelspec import ModelSpec
+
+
+@dataclass(frozen=True)
+class StageSets:
+    """A stage's images in model space: the frozen earlier stages S_<k and the new images'
+    start, with their labels (and, under DATM, learned logits; None for hard labels)."""
+
+    frozen_images: torch.Tensor
+    frozen_labels: torch.Tensor
+    init_images: torch.Tensor
+    new_labels: torch.Tensor
+    init_soft_labels: torch.Tensor | None = None
+    frozen_soft_labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Where a stage's conditioning networks live: the trajectory store, their key (None:
+    fresh networks) and the expert indices present."""
+
+    store_root: str
+    key: str | None
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a base method sees on a Ray Train worker: the stage, its seed, the network, the
+    augmentation, its own settings for the stage (:meth:`BaseMethod.stage_settings`), the
+    images, the conditioning networks and the real examples it may draw from."""
+
+    stage: int
+    seed: int
+    spec: ModelSpec
+    augment: str
+    settings: dict[str, Any]
+    sets: StageSets
+    conditioning: Conditioning
+    #: (train_x, train_y) after forgetting-score discarding, for methods that read real data;
+    #: an ObjectRef on workers (unit tests may pass the tuple itself)
+    real_ref: ObjectRef | tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class SettingsContext:
+    """What a method's per-stage settings may read besides its own config section: the
+    ``distill`` section, the number of classes and the stage."""
+
+    distill: DistillConfig
+    num_classes: int
+    stage: int
 
 
 @dataclass
@@ -42,19 +95,19 @@ class Update:
     grad_labels: torch.Tensor | None = None
 
 
-class ConditionedPool:
+class ConditioningNets:
     """Networks the stage starts from, read lazily from the trajectory store.
 
     Stage 1: the stage-1 experts' initial weights (random inits). Stage k > 1: models trained
     on S_<k (the transition's snapshot 0) — PDD's conditioning on the frozen stages. For MTT
     the same files carry the expert trajectories; other methods store only snapshot 0.
-    An empty pool (no key) means "fresh random networks".
+    None of them (no key) means "fresh random networks".
     """
 
-    def __init__(self, store_root: str, key: str | None, indices: list[int]) -> None:
-        self.store = TrajectoryStore(store_root) if key else None
-        self.key = key
-        self.indices = list(indices) if key else []
+    def __init__(self, where: Conditioning) -> None:
+        self.store = TrajectoryStore(where.store_root) if where.key else None
+        self.key = where.key
+        self.indices = list(where.indices) if where.key else []
         self._readers: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -68,10 +121,10 @@ class ConditionedPool:
         for reader in readers.values():
             reader.close()
 
-    def params(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
-        """Flat parameters of pool member ``index`` after ``epoch`` recorded epochs."""
+    def weights(self, index: int, epoch: int, device: torch.device) -> torch.Tensor:
+        """Flat weights of network ``index`` after ``epoch`` recorded epochs."""
         if self.store is None:
-            raise RuntimeError("empty conditioning pool has no parameters")
+            raise RuntimeError("no conditioning networks: no weights to read")
         if index not in self._readers:
             self._readers[index] = self.store.open(self.key, index)
         return load_start_params(self._readers[index].params_at_epoch(epoch)).to(device)
@@ -97,62 +150,65 @@ class BaseMethod(ABC):
     #: needs expert trajectories on real data (stage-1 experts, transitions with real epochs);
     #: otherwise transitions only produce networks trained on S_<=k (snapshot 0)
     needs_trajectories: ClassVar[bool] = False
-    #: reads real training images inside the stage (``task.real_ref``)
+    #: reads real training images inside the stage (``MethodContext.real_ref``)
     needs_real_data: ClassVar[bool] = False
+    #: its own config section (``cfg.dm``, ``cfg.idc``, ``cfg.datm``); None: settings in ``distill``
+    section: ClassVar[str | None] = None
 
-    def __init__(self, task: StageTask, device: torch.device) -> None:
-        self.task = task
+    def __init__(self, ctx: MethodContext, device: torch.device) -> None:
+        self.ctx = ctx
         self.device = device
-        self.params = task.params
-        self.pool = ConditionedPool(task.store_root, task.expert_key, task.expert_indices)
+        self.settings = ctx.settings
+        self.nets = ConditioningNets(ctx.conditioning)
         #: the new images' learnable logits (set by the stage loop when the task has soft labels)
         self.soft_labels: torch.Tensor | None = None
 
     def load_real(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        """The stage's real pool (``task.real_ref``: after forgetting-score discarding) on the
+        """The stage's real examples (``real_ref``: after forgetting-score discarding) on the
         device, and each class's row indices. Unit tests may pass the (x, y) tuple directly."""
         import ray
 
-        ref = self.task.real_ref
+        ref = self.ctx.real_ref
         x, y = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        check_real_classes(y, self.task.spec.num_classes, f"stage {getattr(self.task, 'stage', '?')}")
+        check_real_classes(y, self.ctx.spec.num_classes, f"stage {self.ctx.stage}")
         x, y = x.to(self.device), y.to(self.device)
-        return x, y, {c: torch.nonzero(y == c).flatten() for c in range(self.task.spec.num_classes)}
+        return x, y, {c: torch.nonzero(y == c).flatten() for c in range(self.ctx.spec.num_classes)}
 
     @classmethod
-    def stage_params(cls, cfg: PddConfig, num_classes: int, stage: int) -> dict[str, Any]:
-        """Method settings for ``stage`` (plain values, sent to every worker in the task)."""
+    def stage_settings(cls, ctx: SettingsContext, section: Any) -> dict[str, Any]:
+        """Method settings for ``ctx.stage`` (plain values, sent to every worker in the task)
+        from ``section`` (the method's own config section, None without one)."""
         return {}
 
     @classmethod
-    def image_lr(cls, cfg: PddConfig) -> float:
+    def image_lr(cls, distill: DistillConfig, section: Any) -> float:
         """Learning rate of the images' SGD (momentum 0.5); ``distill.lr_img`` by default."""
-        return cfg.distill.lr_img
+        return distill.lr_img
 
     @classmethod
-    def decode(cls, params: dict[str, Any], images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(cls, settings: dict[str, Any], images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored images → training images (identity except for IDC's multi-formation).
 
-        ``params`` are the method's ``stage_params``. Everything that trains on a union (in-loop
+        ``settings`` are the method's ``stage_settings``. Everything that trains on a union (in-loop
         validation, transitions, the progressive evaluator, the artifact reader) sees decoded
         images; the optimiser and the frozen stages hold stored ones.
         """
         return images, labels
 
     @classmethod
-    def decode_info(cls, params: dict[str, Any]) -> dict[str, Any] | None:
+    def decode_info(cls, settings: dict[str, Any]) -> dict[str, Any] | None:
         """What the artifact manifest records about ``decode`` (None: identity, nothing recorded)."""
         return None
 
     @classmethod
-    def init_images(cls, params: dict[str, Any], bundle: Any, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def init_images(cls, settings: dict[str, Any], bundle: Any, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Initial stored images and labels of a stage, ``ipc`` per class in class-major order;
         None (the default) lets the driver start from ``ipc`` random real images per class."""
         return None
 
     @classmethod
-    def init_soft_labels(cls, params: dict[str, Any], bundle: Any, ipc: int, seed: int, spec: Any, store_root: str,
-                         expert_key: str | None, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def init_soft_labels(cls, settings: dict[str, Any], bundle: Any, ipc: int, seed: int, spec: ModelSpec,
+                         conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Initial stored images, labels and learnable logits of a stage with soft labels;
         None (the default): no soft labels."""
         return None
@@ -161,16 +217,16 @@ class BaseMethod(ABC):
         """In-place constraint applied after every image step (IDC clamps to the pixel range)."""
 
     def close(self) -> None:
-        """Release what the method holds open (the conditioning pool's files); the stage
+        """Release what the method holds open (the conditioning networks' files); the stage
         worker calls it when the stage ends, however it ends."""
-        self.pool.close()
+        self.nets.close()
 
     def validation_init(self, run: int) -> torch.Tensor | None:
-        """Starting weights of in-loop validation run ``run``: a conditioned pool member, so
-        the check is itself progressive; None (a fresh seeded network) when the pool is empty."""
-        if not len(self.pool):
+        """Starting weights of in-loop validation run ``run``: a conditioning network, so the
+        check is itself progressive; None (a fresh seeded network) when there are none."""
+        if not len(self.nets):
             return None
-        return self.pool.params(self.pool.indices[run % len(self.pool)], 0, torch.device("cpu"))
+        return self.nets.weights(self.nets.indices[run % len(self.nets)], 0, torch.device("cpu"))
 
     @abstractmethod
     def update(

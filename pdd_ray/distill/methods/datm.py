@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, unroll_loss
-from pdd_ray.distill.methods.base import Update
+from pdd_ray.config import DatmConfig, DistillConfig
+from pdd_ray.distill.methods.base import Conditioning, MethodContext, SettingsContext, Update
 from pdd_ray.distill.methods.mtt import MttMethod
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.soft_labels import expert_logits, labeller_params, soft_targets
@@ -35,7 +36,11 @@ _LABEL_BATCH = 256
 
 def window_bounds(cfg: Any, stage: int) -> tuple[int, int, int]:
     """(lo, initial upper, final upper) of stage ``stage``'s start-epoch window (upper exclusive)."""
-    d, w = cfg.distill, cfg.datm
+    return _window(cfg.distill, cfg.datm, stage)
+
+
+def _window(d: DistillConfig, w: DatmConfig, stage: int) -> tuple[int, int, int]:
+    """:func:`window_bounds` from the two sections it reads."""
     upper = w.max_start_epoch if w.max_start_epoch is not None else d.max_start_epoch
     final = w.max_start_epoch_final if w.max_start_epoch_final is not None else upper
     shift = w.stage_shift * (stage - 1)
@@ -48,10 +53,10 @@ def datm_reach(cfg: Any) -> int:
     return max(upper, final) + cfg.distill.expert_epochs
 
 
-def window_upper(params: dict[str, Any], iteration: int) -> int:
+def window_upper(settings: dict[str, Any], iteration: int) -> int:
     """The window's upper bound at ``iteration``: DATM's linear growth, capped at the final bound."""
-    hi, final = params["max_start_epoch"], params["max_start_epoch_final"]
-    grown = hi + int((final - hi) * iteration / params["expansion_iterations"])
+    hi, final = settings["max_start_epoch"], settings["max_start_epoch_final"]
+    grown = hi + int((final - hi) * iteration / settings["expansion_iterations"])
     return min(grown, final)
 
 
@@ -94,42 +99,44 @@ class DatmMethod(MttMethod):
     """MTT's unroll with learned soft labels and a difficulty-aligned, growing window."""
 
     name = "datm"
+    section = "datm"
 
-    def __init__(self, task, device: torch.device) -> None:
-        super().__init__(task, device)
-        frozen = task.frozen_soft_labels
+    def __init__(self, ctx: MethodContext, device: torch.device) -> None:
+        super().__init__(ctx, device)
+        frozen = ctx.sets.frozen_soft_labels
         self.frozen_t = soft_targets(frozen).to(device) if frozen is not None else None
 
     @classmethod
-    def stage_params(cls, cfg, num_classes: int, stage: int) -> dict[str, Any]:
-        p = super().stage_params(cfg, num_classes, stage)
-        w = cfg.datm
-        lo, upper, final = window_bounds(cfg, stage)
+    def stage_settings(cls, ctx: SettingsContext, section: DatmConfig) -> dict[str, Any]:
+        p = super().stage_settings(ctx, section)
+        w = section
+        lo, upper, final = _window(ctx.distill, w, ctx.stage)
         p.update({
             "min_start_epoch": lo, "max_start_epoch": upper, "max_start_epoch_final": final,
-            "expansion_iterations": w.expansion_iterations or max(1, cfg.distill.iterations),
+            "expansion_iterations": w.expansion_iterations or max(1, ctx.distill.iterations),
             "soft_labels": w.soft_labels, "lr_labels": w.lr_labels, "momentum_labels": w.momentum_labels,
             "label_epoch": w.label_epoch,
         })
         return p
 
     @classmethod
-    def init_soft_labels(cls, params, bundle, ipc, seed, spec, store_root, expert_key, indices):
-        """Stage k's labeller is the first member of its pool (a stage-1 expert, or a transition
-        expert trained on S_<k), at ``datm.label_epoch`` (default its last recorded epoch)."""
-        if not params["soft_labels"]:
+    def init_soft_labels(cls, settings, bundle, ipc, seed, spec, conditioning: Conditioning):
+        """Stage k's labeller is the first of its conditioning networks (a stage-1 expert, or a
+        transition expert trained on S_<k), at ``datm.label_epoch`` (default its last recorded epoch)."""
+        if not settings["soft_labels"]:
             return None
-        theta, _ = labeller_params(store_root, expert_key, indices[0], params["label_epoch"])
+        theta, _ = labeller_params(conditioning.store_root, conditioning.key, conditioning.indices[0],
+                                   settings["label_epoch"])
         return correct_real_init(bundle, spec, theta, ipc, seed)
 
     def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
                g: torch.Generator) -> Update:
-        p = self.params
-        pick = self.pool.indices[int(torch.randint(len(self.pool), (1,), generator=g))]
+        p = self.settings
+        pick = self.nets.indices[int(torch.randint(len(self.nets), (1,), generator=g))]
         lo = p["min_start_epoch"]
         t = lo + int(torch.randint(window_upper(p, iteration) - lo, (1,), generator=g))
-        start = self.pool.params(pick, t, self.device)
-        target = self.pool.params(pick, t + p["expert_epochs"], self.device)
+        start = self.nets.weights(pick, t, self.device)
+        target = self.nets.weights(pick, t + p["expert_epochs"], self.device)
         if self.soft_labels is None:  # hard labels: exactly MTT's matching
             problem = MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images,
                                    self.new_y)

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.methods.base import BaseMethod, Update
+from pdd_ray.config import DistillConfig, DmConfig
+from pdd_ray.distill.methods.base import BaseMethod, MethodContext, SettingsContext, Update
 from pdd_ray.modelspec import build_seeded
 from pdd_ray.models import FlatModel
 from pdd_ray.seeding import generator
@@ -52,46 +53,47 @@ class DmMethod(BaseMethod):
     learns_alpha = False
     needs_trajectories = False
     needs_real_data = True
+    section = "dm"
 
-    def __init__(self, task, device: torch.device) -> None:
-        super().__init__(task, device)
-        self.model = task.spec.build().to(device)
+    def __init__(self, ctx: MethodContext, device: torch.device) -> None:
+        super().__init__(ctx, device)
+        self.model = ctx.spec.build().to(device)
         self.model.train()  # DM embeds in train mode (matters for BatchNorm only)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.flat_model = FlatModel(self.model)
-        self.dsa = DiffAugment(task.augment)
-        self.frozen_x = task.frozen_images.to(device)
-        self.frozen_y = task.frozen_labels.to(device)
-        self.new_y = task.new_labels.to(device)
+        self.dsa = DiffAugment(ctx.augment)
+        self.frozen_x = ctx.sets.frozen_images.to(device)
+        self.frozen_y = ctx.sets.frozen_labels.to(device)
+        self.new_y = ctx.sets.new_labels.to(device)
         self.real_x, _, self.real_idx = self.load_real()
-        self.num_classes = task.spec.num_classes
-        self._pool_cache: dict[int, torch.Tensor] = {}
+        self.num_classes = ctx.spec.num_classes
+        self._weights_cache: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def stage_params(cls, cfg, num_classes: int, stage: int) -> dict[str, Any]:
-        return {"batch_real": cfg.dm.batch_real}
+    def stage_settings(cls, ctx: SettingsContext, section: DmConfig) -> dict[str, Any]:
+        return {"batch_real": section.batch_real}
 
     @classmethod
-    def image_lr(cls, cfg) -> float:
-        return cfg.dm.lr_img
+    def image_lr(cls, distill: DistillConfig, section: DmConfig) -> float:
+        return section.lr_img
 
     def _network(self, g: torch.Generator) -> None:
-        """Load this iteration's network into ``self.model``: fresh (stage 1) or a pool member."""
-        if not len(self.pool):
+        """Load this iteration's network into ``self.model``: fresh (stage 1) or a conditioning network."""
+        if not len(self.nets):
             seed = int(torch.randint(SEED_RANGE, (1,), generator=g))
-            flat = FlatModel(build_seeded(self.task.spec, seed)).flatten().to(self.device)
+            flat = FlatModel(build_seeded(self.ctx.spec, seed)).flatten().to(self.device)
         else:
-            pick = self.pool.indices[int(torch.randint(len(self.pool), (1,), generator=g))]
-            if pick not in self._pool_cache:
-                self._pool_cache[pick] = self.pool.params(pick, 0, self.device)
-            flat = self._pool_cache[pick]
+            pick = self.nets.indices[int(torch.randint(len(self.nets), (1,), generator=g))]
+            if pick not in self._weights_cache:
+                self._weights_cache[pick] = self.nets.weights(pick, 0, self.device)
+            flat = self._weights_cache[pick]
         self.flat_model.load_flat(flat)
 
     def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
                g: torch.Generator) -> Update:
         self._network(g)
-        batch_real = self.params["batch_real"]
+        batch_real = self.settings["batch_real"]
         loss = new_images.new_zeros(())
         for c in range(self.num_classes):
             idx = self.real_idx[c]

@@ -72,7 +72,8 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.methods.base import BaseMethod, Update
+from pdd_ray.config import DistillConfig, IdcConfig
+from pdd_ray.distill.methods.base import BaseMethod, MethodContext, SettingsContext, Update
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import build_seeded
@@ -121,21 +122,22 @@ class IdcMethod(BaseMethod):
     learns_alpha = False
     needs_trajectories = False
     needs_real_data = True
+    section = "idc"
 
-    def __init__(self, task, device: torch.device) -> None:
-        super().__init__(task, device)
-        p = self.params
+    def __init__(self, ctx: MethodContext, device: torch.device) -> None:
+        super().__init__(ctx, device)
+        p = self.settings
         self.real_x, self.real_y, self.real_idx = self.load_real()
         dims = [0, 2, 3]
         self.pix_min = self.real_x.amin(dim=dims).view(1, -1, 1, 1)
         self.pix_max = self.real_x.amax(dim=dims).view(1, -1, 1, 1)
-        self.new_y = task.new_labels.to(device)
+        self.new_y = ctx.sets.new_labels.to(device)
         self.classes = sorted(set(self.new_y.tolist()))
         self.new_idx = {c: torch.nonzero(self.new_y == c).flatten() for c in self.classes}
         with torch.no_grad():
-            fx, fy = multiformation(task.frozen_images.to(device), task.frozen_labels.to(device), p["factor"])
+            fx, fy = multiformation(ctx.sets.frozen_images.to(device), ctx.sets.frozen_labels.to(device), p["factor"])
         self.frozen_dec = {c: fx[fy == c] for c in self.classes}
-        strategy = p["augment"] if p["augment"] is not None else task.augment
+        strategy = p["augment"] if p["augment"] is not None else ctx.augment
         self.dsa = DiffAugment(strategy, mode=p["augment_mode"])  # Siamese draws for matching
         self.dsa_train = DiffAugment(strategy)  # per-sample draws for the network's real-data steps
         self._net: torch.nn.Module | None = None
@@ -148,38 +150,38 @@ class IdcMethod(BaseMethod):
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def stage_params(cls, cfg, num_classes: int, stage: int) -> dict[str, Any]:
-        i = cfg.idc
+    def stage_settings(cls, ctx: SettingsContext, section: IdcConfig) -> dict[str, Any]:
+        i = section
         return {"factor": i.factor, "batch_real": i.batch_real, "batch_syn_max": i.batch_syn_max,
                 "inner_loop": i.inner_loop, "net_steps": i.net_steps, "batch_train": i.batch_train,
                 "net_lr": i.net_lr, "net_momentum": i.net_momentum, "net_weight_decay": i.net_weight_decay,
                 "augment": i.augment, "augment_mode": i.augment_mode, "init": i.init,
-                "stored_ipc": cfg.distill.ipc_per_stage}
+                "stored_ipc": ctx.distill.ipc_per_stage}
 
     @classmethod
-    def image_lr(cls, cfg) -> float:
-        return cfg.idc.lr_img
+    def image_lr(cls, distill: DistillConfig, section: IdcConfig) -> float:
+        return section.lr_img
 
     @classmethod
-    def decode(cls, params: dict[str, Any], images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return multiformation(images, labels, int(params["factor"]))
+    def decode(cls, settings: dict[str, Any], images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return multiformation(images, labels, int(settings["factor"]))
 
     @classmethod
-    def decode_info(cls, params: dict[str, Any]) -> dict[str, Any]:
+    def decode_info(cls, settings: dict[str, Any]) -> dict[str, Any]:
         """What the artifact records about the decode (its stage files hold decoded images)."""
-        f = int(params["factor"])
-        return {"kind": "multiformation", "factor": f, "stored_images_per_class": params.get("stored_ipc"),
+        f = int(settings["factor"])
+        return {"kind": "multiformation", "factor": f, "stored_images_per_class": settings.get("stored_ipc"),
                 "decoded_per_stored": f * f, "order": "patch-major (all images' patch (0,0), then (0,1), ...)",
                 "note": "stage files hold the decoded training images; each stored image was an f x f grid of "
                         "patches, each bilinearly upsampled to full size"}
 
     @classmethod
-    def init_images(cls, params: dict[str, Any], bundle, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def init_images(cls, settings: dict[str, Any], bundle, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """IDC's ``mix`` init: ``ipc`` stored images per class, class-major, each made of f² real
         images of its class downsampled into the f×f quadrants; None for ``init: real`` (the
         driver then uses one real image per stored image)."""
-        f = int(params["factor"])
-        if params.get("init", "mix") != "mix" or f == 1:
+        f = int(settings["factor"])
+        if settings.get("init", "mix") != "mix" or f == 1:
             return None
         g = generator(derive_seed(seed, "idc-mix-init", ipc, f))
         xs, ys = [], []
@@ -203,12 +205,12 @@ class IdcMethod(BaseMethod):
         images.clamp_(min=self.pix_min, max=self.pix_max)
 
     def _build(self, block: int, rank: int) -> None:
-        p = self.params
-        seed = derive_seed(self.task.seed, "stage", self.task.stage, "idc-net", block, "rank", rank)
-        net = build_seeded(self.task.spec, seed).to(self.device)
-        if len(self.pool):
-            pick = self.pool.indices[int(torch.randint(len(self.pool), (1,), generator=generator(seed)))]
-            FlatModel(net).load_flat(self.pool.params(pick, 0, self.device))
+        p = self.settings
+        seed = derive_seed(self.ctx.seed, "stage", self.ctx.stage, "idc-net", block, "rank", rank)
+        net = build_seeded(self.ctx.spec, seed).to(self.device)
+        if len(self.nets):
+            pick = self.nets.indices[int(torch.randint(len(self.nets), (1,), generator=generator(seed)))]
+            FlatModel(net).load_flat(self.nets.weights(pick, 0, self.device))
         net.train()
         self._net = net
         self._opt = torch.optim.SGD(net.parameters(), lr=p["net_lr"], momentum=p["net_momentum"],
@@ -218,8 +220,8 @@ class IdcMethod(BaseMethod):
 
     def _train_after(self, iteration: int, rank: int) -> None:
         """The network's real-data SGD steps that follow matching step ``iteration``."""
-        p = self.params
-        g = generator(derive_seed(self.task.seed, "stage", self.task.stage, "idc-train", iteration, "rank", rank))
+        p = self.settings
+        g = generator(derive_seed(self.ctx.seed, "stage", self.ctx.stage, "idc-train", iteration, "rank", rank))
         n = self.real_x.shape[0]
         for _ in range(p["net_steps"]):
             idx = torch.randperm(n, generator=g)[: p["batch_train"]].to(self.device)
@@ -234,7 +236,7 @@ class IdcMethod(BaseMethod):
     def network(self, iteration: int, rank: int) -> torch.nn.Module:
         """The matching network of ``iteration`` on ``rank`` (see the module doc): the cached one
         advanced, or rebuilt from its block's seed with the block's training replayed."""
-        block = iteration // self.params["inner_loop"]
+        block = iteration // self.settings["inner_loop"]
         if self._net is None or self._key != (block, rank) or self._done > iteration:
             self._build(block, rank)
         for j in range(self._done, iteration):
@@ -244,7 +246,7 @@ class IdcMethod(BaseMethod):
 
     def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
                g: torch.Generator) -> Update:
-        p = self.params
+        p = self.settings
         net = self.network(iteration, rank)
         conv = [w for w in net.parameters() if w.dim() == 4]
         grad = torch.zeros_like(new_images)

@@ -8,7 +8,7 @@ import torch
 
 from pdd_ray.augment import DiffAugment
 from pdd_ray.distill.match import MatchProblem, UnrollSpec, match
-from pdd_ray.distill.methods.base import BaseMethod, Update
+from pdd_ray.distill.methods.base import BaseMethod, MethodContext, SettingsContext, Update
 from pdd_ray.models import FlatModel
 
 
@@ -20,33 +20,33 @@ class MttMethod(BaseMethod):
     learns_alpha = True
     needs_trajectories = True
 
-    def __init__(self, task, device: torch.device) -> None:
-        super().__init__(task, device)
-        self.flat_model = FlatModel(task.spec.build().to(device))
-        self.dsa = DiffAugment(task.augment)
-        self.frozen_x = task.frozen_images.to(device)
-        self.frozen_y = task.frozen_labels.to(device)
-        self.new_y = task.new_labels.to(device)
+    def __init__(self, ctx: MethodContext, device: torch.device) -> None:
+        super().__init__(ctx, device)
+        self.flat_model = FlatModel(ctx.spec.build().to(device))
+        self.dsa = DiffAugment(ctx.augment)
+        self.frozen_x = ctx.sets.frozen_images.to(device)
+        self.frozen_y = ctx.sets.frozen_labels.to(device)
+        self.new_y = ctx.sets.new_labels.to(device)
 
     @classmethod
-    def stage_params(cls, cfg, num_classes: int, stage: int) -> dict[str, Any]:
-        d = cfg.distill
+    def stage_settings(cls, ctx: SettingsContext, section: Any) -> dict[str, Any]:
+        d = ctx.distill
         if d.batch_syn is not None:
             batch = d.batch_syn
         elif d.batch_syn_policy == "union":
-            batch = num_classes * d.ipc_per_stage * stage
+            batch = ctx.num_classes * d.ipc_per_stage * ctx.stage
         else:  # the stage's new images: the paper's default
-            batch = num_classes * d.ipc_per_stage
+            batch = ctx.num_classes * d.ipc_per_stage
         return {"syn_steps": d.syn_steps, "expert_epochs": d.expert_epochs, "max_start_epoch": d.max_start_epoch,
                 "batch_syn": batch, "unroll": d.unroll}
 
     def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
                g: torch.Generator) -> Update:
-        p = self.params
-        pick = self.pool.indices[int(torch.randint(len(self.pool), (1,), generator=g))]
+        p = self.settings
+        pick = self.nets.indices[int(torch.randint(len(self.nets), (1,), generator=g))]
         t = int(torch.randint(p["max_start_epoch"], (1,), generator=g))
-        start = self.pool.params(pick, t, self.device)
-        target = self.pool.params(pick, t + p["expert_epochs"], self.device)
+        start = self.nets.weights(pick, t, self.device)
+        target = self.nets.weights(pick, t + p["expert_epochs"], self.device)
         problem = MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y)
         res = match(problem, alpha, UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa, p["unroll"]), g)
         return Update(res.loss, res.grad_images, res.grad_alpha)
