@@ -40,6 +40,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from pdd_ray.atomic import write_text_atomic  # noqa: E402
 from pdd_ray.config import load_config  # noqa: E402
 from pdd_ray.distill.transition import transition_jobs  # noqa: E402
 from pdd_ray.evaluation import StageSet, random_subset  # noqa: E402
@@ -50,11 +51,9 @@ from pdd_ray.seeding import derive_seed  # noqa: E402
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Atomic write: temp name beside the target, then rename."""
+    """Atomic write (:func:`pdd_ray.atomic.write_text_atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def wait_for_idle(total_cpus: float, timeout: float = 60.0) -> dict:

@@ -46,7 +46,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -55,6 +54,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from pdd_ray.atomic import write_text_atomic  # noqa: E402
 from pdd_ray.config import PddConfig, load_config  # noqa: E402
 from pdd_ray.distill.driver import distill  # noqa: E402
 from pdd_ray.distill.identity import run_dir  # noqa: E402
@@ -72,11 +72,9 @@ from pdd_ray.prepare import prepare  # noqa: E402
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic write: temp name beside the target, then rename."""
+    """Atomic write (:func:`pdd_ray.atomic.write_text_atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def method_name(p: int, base: str = "mtt", discard: float = 0.0) -> str:

@@ -176,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_start": os.getloadavg(),
               "transition": transition_bytes(), "validation": validation_split()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    from pdd_ray.atomic import write_text_atomic
+
+    write_text_atomic(args.out, json.dumps(result, indent=2))
     md = args.out.with_suffix(".md")
-    md.with_suffix(".md.tmp").write_text(markdown(result))
-    md.with_suffix(".md.tmp").replace(md)
+    write_text_atomic(md, markdown(result))
     print(f"wrote {args.out} and {md}")
     return 0
 

@@ -35,7 +35,6 @@ import resource
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,11 +74,11 @@ class Setting:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic write: temp name beside the target, then rename."""
+    """Atomic write (:func:`pdd_ray.atomic.write_text_atomic`)."""
+    from pdd_ray.atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_json(path: Path, obj: dict) -> None:

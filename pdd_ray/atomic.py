@@ -22,9 +22,14 @@ def temp_name(path: Path, suffix: str = "") -> Path:
 
 @contextmanager
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed to ``path``."""
+    """Yield a temporary path to write; on success it is renamed to ``path``, on an error the
+    temporary file is removed (only a killed process leaves one behind)."""
     tmp = temp_name(path, suffix)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -24,25 +24,11 @@ def _config_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _split_config_and_overrides(args: argparse.Namespace, attr: str = "config") -> tuple[str | None, list[str]]:
-    """argparse cannot tell ``digits`` from ``seed=1`` positionally; sort them here.
-
-    Overrides may come before or after the config name (``run seed=1 digits`` or ``run digits
-    seed=1``); the one word without ``=`` is the config. Two such words are an error.
-    """
-    words = ([getattr(args, attr)] if getattr(args, attr) is not None else []) + list(args.overrides)
-    configs = [w for w in words if "=" not in w]
-    if len(configs) > 1:
-        raise PddError(f"two configs given ({configs[0]!r} and {configs[1]!r}); pass one preset or YAML file, "
-                       "then key.sub=value overrides")
-    return (configs[0] if configs else None), [w for w in words if "=" in w]
-
-
 def _collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
     """Overrides are accepted anywhere among the options (``run digits seed=1 --no-progress
     storage=/x``): argparse fills a positional list only once, so the words it left over are
     appended to the command's overrides (the command sorts out a config name among them, see
-    :func:`_split_config_and_overrides`); unknown options are refused as argparse would."""
+    :func:`pdd_ray.config.split_config_and_overrides`); unknown options are refused as argparse would."""
     rest = [w for w in extra if w.startswith("-") or not hasattr(args, "overrides")]
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -56,7 +42,7 @@ def _collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pdd_ray.config import load_config
+    from pdd_ray.config import load_config, split_config_and_overrides
     from pdd_ray.evaluation import BaselineSetup, evaluate_full_baseline, evaluate_random_baseline, format_table
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray
@@ -65,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pdd_ray.distill.reevaluate import reevaluate_artifact
 
         return reevaluate_artifact(args)
-    config, overrides = _split_config_and_overrides(args, "artifact")
+    config, overrides = split_config_and_overrides(args.artifact, args.overrides)
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.root:
@@ -105,12 +91,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from pdd_ray.config import load_config
+    from pdd_ray.config import load_config, split_config_and_overrides
     from pdd_ray.experts.produce import expert_store_root, stage1_experts
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray, ensure_storage
 
-    config, overrides = _split_config_and_overrides(args)
+    config, overrides = split_config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides)
     ensure_storage(cfg)
     prepared = prepare(cfg)
@@ -137,10 +123,10 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pdd_ray.config import load_config
+    from pdd_ray.config import load_config, split_config_and_overrides
     from pdd_ray.pipeline import print_report, run
 
-    config, overrides = _split_config_and_overrides(args)
+    config, overrides = split_config_and_overrides(args.config, args.overrides)
     if args.no_baselines:
         overrides.append("evaluation.baselines=false")
     cfg = load_config(config, overrides)

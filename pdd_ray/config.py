@@ -401,13 +401,35 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
     return f"config key '{loc}' = {value!r}: {msg}"
 
 
+def split_config_and_overrides(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's config name (a preset or YAML file) and its ``key.sub=value`` overrides,
+    from argparse's optional config positional ``first`` and the words after it: argparse cannot
+    tell ``digits`` from ``seed=1`` positionally.
+
+    Overrides may come before or after the config name (``run seed=1 digits`` or ``run digits
+    seed=1``); the one word without ``=`` is the config. Two such words are an error.
+    """
+    words = ([first] if first is not None else []) + list(rest)
+    configs = [w for w in words if "=" not in w]
+    if len(configs) > 1:
+        raise PddError(f"two configs given ({configs[0]!r} and {configs[1]!r}); pass one preset or YAML file, "
+                       "then key.sub=value overrides")
+    return (configs[0] if configs else None), [w for w in words if "=" in w]
+
+
+def split_override(item: str, form: str = "key.sub=value (e.g. distill.ipc_per_stage=4)") -> tuple[str, str]:
+    """``"key=value"`` -> (key, raw value); anything else is a one-line error naming ``form``."""
+    if "=" not in item:
+        raise PddError(f"override '{item}' is not of the form {form}")
+    key, raw = item.split("=", 1)
+    return key, raw
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["distill.ipc_per_stage=4", "seed=1"]`` -> nested dict; values parsed as YAML scalars."""
     nested: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
-            raise PddError(f"override '{item}' is not of the form key.sub=value (e.g. distill.ipc_per_stage=4)")
-        key, raw = item.split("=", 1)
+        key, raw = split_override(item)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise PddError(f"override '{item}' has an empty key; use key.sub=value")

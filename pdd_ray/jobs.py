@@ -375,12 +375,9 @@ def _fail(err: JobFailed) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``pdd-ray submit``: validate the config here, upload the tree, run it there."""
-    from pdd_ray.config import absolute_storage, load_config
+    from pdd_ray.config import absolute_storage, load_config, split_config_and_overrides
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
+    config, overrides = split_config_and_overrides(args.config, args.overrides)
     for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)):
         if value is not None and value < 0:
             raise PddError(f"{flag} {value} is negative; pass 0 or more")

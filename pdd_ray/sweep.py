@@ -19,7 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pdd_ray.config import _format_validation_error, absolute_storage, dump_config, load_config, read_yaml, resolve_preset
+from pdd_ray.config import (_format_validation_error, absolute_storage, dump_config, load_config, read_yaml,
+                            resolve_preset, split_override)
 from pdd_ray.errors import PddError
 
 
@@ -51,9 +52,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     """Read and validate a sweep file; ``key=value`` overrides apply to the sweep's own keys."""
     data = read_yaml(resolve_preset(path))
     for item in overrides or []:
-        if "=" not in item:
-            raise PddError(f"override '{item}' is not of the form key=value")
-        k, v = item.split("=", 1)
+        k, v = split_override(item, "key=value")
         data[k] = yaml.safe_load(v)
     try:
         sweep = SweepConfig.model_validate(data)

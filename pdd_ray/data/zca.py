@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import zipfile
 from numbers import Real
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdd_ray.atomic import atomic_path
 from pdd_ray.errors import PddError
 
 _FORMAT = 1
@@ -121,21 +121,14 @@ class ZCA:
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an ``.npz`` atomically (temp file in the same folder, then ``os.replace``)."""
+        """Write an ``.npz`` atomically (:func:`pdd_ray.atomic.atomic_path`), synced to disk."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.int64(_FORMAT), eps=np.float64(self.eps), mean=self.mean.numpy(),
-                         matrix=self.matrix.numpy(), inverse_matrix=self.inverse_matrix.numpy())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, format=np.int64(_FORMAT), eps=np.float64(self.eps), mean=self.mean.numpy(),
+                     matrix=self.matrix.numpy(), inverse_matrix=self.inverse_matrix.numpy())
+            f.flush()
+            os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ZCA":
