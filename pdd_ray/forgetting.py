@@ -9,7 +9,7 @@ official code does not implement it, so this is our reconstruction:
 * A *forgetting event* is correct at epoch e-1 and wrong at epoch e. An example never
   classified correctly is *unlearnable*: the hardest of all, scored ``epochs + 1``.
 * Counts are summed over the stage-1 experts; the ``floor(fraction * n)`` examples with the
-  lowest totals (ties broken by a seeded permutation) are dropped from the real pool.
+  lowest totals (ties broken by a seeded permutation) are dropped from the real examples.
 
 Each expert's counts live next to its trajectory as ``<key>/expert_NNNNN.forgetting.json``
 (JSON, written atomically before the trajectory file, so a complete trajectory always has
@@ -41,7 +41,7 @@ __all__ = [
 
 #: Version of the side-file layout below.
 COUNTS_FORMAT = 1
-#: Count of an example that was not in an expert's real pool (transition experts on a subset).
+#: Count of an example an expert did not train on (transition experts on a subset of the real examples).
 NOT_TRAINED = -1
 
 
@@ -122,13 +122,14 @@ def kept_indices(counts: np.ndarray, fraction: float, seed: int, labels: np.ndar
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
-def scatter(counts: np.ndarray, pool: np.ndarray | None, n: int) -> np.ndarray:
-    """Counts over a pool subset as a length-``n`` vector, ``NOT_TRAINED`` outside the pool."""
+def scatter(counts: np.ndarray, real_indices: np.ndarray | None, n: int) -> np.ndarray:
+    """Counts over the subset ``real_indices`` of the real examples as a length-``n`` vector,
+    ``NOT_TRAINED`` outside it (None: the counts already cover all ``n``)."""
     counts = np.asarray(counts, dtype=np.int64)
-    if pool is None:
+    if real_indices is None:
         return counts
     full = np.full(int(n), NOT_TRAINED, dtype=np.int64)
-    full[np.asarray(pool, dtype=np.int64)] = counts
+    full[np.asarray(real_indices, dtype=np.int64)] = counts
     return full
 
 

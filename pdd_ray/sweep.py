@@ -102,25 +102,25 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
-def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> list[str]:
+def trial_overrides(sweep: SweepConfig, sampled: dict[str, Any]) -> list[str]:
     """The pdd_ray overrides of one trial: the sweep's, its layout, and its sampled values."""
-    p, ipc = params["layout"]
+    p, ipc = sampled["layout"]
     out = [*sweep.overrides, f"storage={absolute_storage(sweep.storage)}", f"distill.num_stages={p}",
            f"distill.ipc_per_stage={ipc}", f"name={sweep.name}-P{p}-ipc{ipc}"]
     if sweep.budget_epochs is not None:  # equal training budget across layouts
         out.append(f"evaluation.epochs_per_stage={sweep.budget_epochs // p}")
-    out += [f"{k}={json.dumps(v)}" for k, v in params.items() if k not in ("layout", "_parent", "_base")]
+    out += [f"{k}={json.dumps(v)}" for k, v in sampled.items() if k not in ("layout", "_parent", "_base")]
     return out
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(sampled: dict[str, Any]) -> None:
     """One Tune trial: the full pipeline, reporting after every stage."""
     from ray import tune
 
     from pdd_ray.pipeline import run
 
-    sweep = SweepConfig.model_validate(params["_sweep"])
-    cfg = load_config(sweep.base, trial_overrides(sweep, {k: v for k, v in params.items() if k != "_sweep"}))
+    sweep = SweepConfig.model_validate(sampled["_sweep"])
+    cfg = load_config(sweep.base, trial_overrides(sweep, {k: v for k, v in sampled.items() if k != "_sweep"}))
     last = {"val_acc": 0.0}
 
     def on_stage(k: int, outcome) -> None:
@@ -128,7 +128,7 @@ def _trial(params: dict[str, Any]) -> None:
         if k < cfg.distill.num_stages:
             tune.report({"stage": k, "val_acc": outcome.best_val_acc})
 
-    report = run(cfg, progress=False, parent_run_id=params.get("_parent"), run_name=cfg.name, on_stage=on_stage,
+    report = run(cfg, progress=False, parent_run_id=sampled.get("_parent"), run_name=cfg.name, on_stage=on_stage,
                  baselines=False)
     mean, std = report.pdd["convnet"].final if "convnet" in report.pdd else next(iter(report.pdd.values())).final
     tune.report({"stage": cfg.distill.num_stages, "val_acc": last["val_acc"], "test_acc": mean / 100,
@@ -213,9 +213,9 @@ def _finish(sweep: SweepConfig, storage: Path, rows: list[dict[str, Any]], paren
     (storage / "sweep_results.json").write_text(json.dumps(rows, indent=2, default=str))
     best = next((r for r in rows if r["test_acc"] is not None), None)
     if best is not None:
-        params = {"layout": [best["num_stages"], best["ipc_per_stage"]],
-                  **{k: v for k, v in best.items() if "." in k}}
-        cfg = load_config(sweep.base, trial_overrides(sweep, params))
+        sampled = {"layout": [best["num_stages"], best["ipc_per_stage"]],
+                   **{k: v for k, v in best.items() if "." in k}}
+        cfg = load_config(sweep.base, trial_overrides(sweep, sampled))
         (storage / "best_config.yaml").write_text(dump_config(cfg))
         print(f"best config: {storage / 'best_config.yaml'}")
     if parent is not None:

@@ -37,17 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_cluster_yaml_matches_ray_schema() -> None:
+    import jsonschema
     import ray.autoscaler
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    try:
-        import jsonschema
-    except ImportError:  # pragma: no cover - jsonschema comes with ray[default]
-        jsonschema = None
-    if jsonschema is not None:
-        jsonschema.validate(config, schema)
+    jsonschema.validate(config, schema)  # jsonschema comes with ray[default]
     validate_config(config)  # the launcher's cross-field rules (head type exists, min <= max)
     validate_config(prepare_config(config))  # still valid once merged with the AWS defaults
 

@@ -65,7 +65,7 @@ def distill(cfg: PddConfig, prepared: Prepared, progress: bool = True, on_stage=
 
 
 def _first_conditioning(cfg: PddConfig, prepared: Prepared, progress: bool, tracker) -> str | None:
-    """Stage 1's conditioning pool: the stage-1 experts' key when the method matches
+    """Stage 1's conditioning networks: the stage-1 experts' key when the method matches
     trajectories, else None (fresh networks); discarding needs the experts' forgetting counts."""
     method = method_class(cfg.distill.method)
     if method.needs_trajectories:

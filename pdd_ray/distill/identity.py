@@ -1,6 +1,6 @@
 """A run's identity: the settings its cached results consume, their digest and its directory.
 
-Every setting that reaches a stage worker, a conditioning pool or a transition is built here by
+Every setting that reaches a stage worker, the conditioning networks or a transition is built here by
 the same function that hands it to its consumer, so the run key (``runs/<name>-<key>``)
 changes exactly when a consumed setting does (``tests/distill/test_run_key.py``).
 """
@@ -47,7 +47,7 @@ def transition_real_recipe(cfg: PddConfig) -> TrainRecipe:
 
 
 def stage_settings(cfg: PddConfig, k: int) -> dict:
-    """What stage k's workers consume besides their conditioning pool and the frozen stages
+    """What stage k's workers consume besides their conditioning networks and the frozen stages
     (both keyed by their own settings): the same values ``run_stage`` puts into the ``StageTask``."""
     d = cfg.distill
     return {
@@ -69,7 +69,7 @@ def stage_settings(cfg: PddConfig, k: int) -> dict:
 
 
 def conditioning_settings(cfg: PddConfig) -> dict:
-    """What the stages' conditioning pools consume: stage-1 experts (when the method matches
+    """What the stages' conditioning networks consume: stage-1 experts (when the method matches
     trajectories or discarding needs their forgetting counts), the transitions, the discard."""
     d = cfg.distill
     method = method_class(d.method)

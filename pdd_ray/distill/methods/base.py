@@ -131,7 +131,7 @@ class ConditioningNets:
 
 
 def check_real_classes(labels: torch.Tensor, num_classes: int, where: str) -> None:
-    """Refuse a real pool with a class that has no example: per-class matching (DM's means,
+    """Refuse real examples with a class that has none: per-class matching (DM's means,
     IDC's cross-entropy gradients) of an empty batch is NaN or silently skips the class."""
     counts = torch.bincount(labels.detach().cpu().long(), minlength=num_classes)
     empty = [c for c in range(num_classes) if int(counts[c]) == 0]

@@ -16,9 +16,9 @@ PDD on top of DM:
   images are in the mean (PDD matches the union's distribution), but they are constants, so
   only the new images get a gradient;
 * the network: at stage 1 a fresh randomly initialised one every iteration, as DM does
-  (seeded from the iteration's generator); at stage k > 1 a member of the conditioned pool,
+  (seeded from the iteration's generator); at stage k > 1 one of the conditioning networks,
   i.e. networks already trained on S_<k by the transition (PDD's conditioning). DM would draw
-  a fresh network per iteration; here the stage samples a *fixed* pool of ``experts.num_experts``
+  a fresh network per iteration; here the stage samples a *fixed* set of ``experts.num_experts``
   (or ``distill.transition_experts``) networks instead of training a new one on S_<k every
   iteration, because each conditioned network costs a full training run on the union
   (``distill.transition_syn_epochs``) — thousands of them per stage would dwarf the

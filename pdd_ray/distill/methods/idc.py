@@ -35,7 +35,7 @@ The matching network, and why a resumed run equals an uninterrupted one
     re-creates the network every ``inner_loop`` inner iterations. Here the network of
     iteration ``i`` on worker ``rank`` is *defined* as: block ``b = i // inner_loop``; a
     network built from ``derive_seed(seed, "stage", k, "idc-net", b, "rank", rank)`` (stage 1:
-    a fresh random ConvNet; stage k > 1: a member of the conditioned pool — networks trained
+    a fresh random ConvNet; stage k > 1: one of the conditioning networks — networks trained
     on the decoded union S_<k by the transition — picked with that seed); then, for each
     earlier iteration ``j`` of the block, ``net_steps`` SGD steps (lr ``net_lr``, momentum,
     weight decay) on ``batch_train`` per-sample-augmented real images drawn from
@@ -47,10 +47,10 @@ The matching network, and why a resumed run equals an uninterrupted one
 
 Conditioning (PDD on IDC)
     The official code trains a *new* random network on the earlier unions (200 epochs each)
-    at every outer iteration. We instead sample from a pool of networks trained once per stage
-    by the transition (``distill.transition_syn_epochs`` on the decoded union, the same pool
+    at every outer iteration. We instead sample from a set of networks trained once per stage
+    by the transition (``distill.transition_syn_epochs`` on the decoded union, the same conditioning networks
     every base method without trajectories uses), then keep training the drawn network on
-    real data as IDC does. Cheaper by the pool size, and the networks still start from S_<k.
+    real data as IDC does. Cheaper by the number of networks, and they still start from S_<k.
 
 Projection
     IDC clamps pixels to [0, 1] before its normalisation. Our images live in model space
