@@ -27,7 +27,6 @@ from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, MethodContext, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
-from pdd_ray.modelspec import ModelSpec
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.training import TrainRecipe
 
