@@ -23,12 +23,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe
 
 STATE_FILE = "state.pt"
@@ -400,8 +400,9 @@ def _maybe_inject_failure(task: StageTask, it: int, rank: int) -> None:
     """Test hook (``FAIL_AT_ENV``): rank 0 raises once at ``task.fail_at``; the marker file
     makes the restarted worker go on."""
     if task.fail_at is not None and it == task.fail_at and rank == 0 and task.fail_marker:
-        if not os.path.exists(task.fail_marker):
-            Path(task.fail_marker).write_text(str(it))
+        marker = Folder.at(task.fail_marker)
+        if not marker.exists():
+            marker.write_text(str(it))
             raise RuntimeError(f"injected failure at iteration {it}")
 
 
@@ -410,7 +411,7 @@ def _stop(task: StageTask, rank: int, it: int, problem: str, recorder: _Recorder
     if recorder is not None:
         recorder.flush()
     if rank == 0 and task.problem_path:  # the driver turns it into a PddError (Train drops
-        write_text_atomic(Path(task.problem_path), problem)  # metrics reported without checkpoints)
+        Folder.at(task.problem_path).write_text(problem)  # metrics reported without checkpoints)
     ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
 
 

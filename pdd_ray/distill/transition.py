@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -117,7 +116,7 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def run_transition(cfg: PddConfig, prepared: Prepared, k: int, prev_key: str | None, union: list[StageSet],
-                   progress: bool = True, directory: Path | None = None, tracker=None) -> str:
+                   progress: bool = True, directory=None, tracker=None) -> str:
     """Produce (or find) the experts of stage k+1 in parallel; returns their store key.
 
     With ``directory``, the number of real examples the new experts trained on is recorded
