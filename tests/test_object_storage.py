@@ -166,3 +166,34 @@ def test_run_in_s3_resumes_after_sigkill_and_its_artifact_loads_by_uri(s3_env, t
     with np.load(io.BytesIO((directory / "artifact" / "stage_1.npz").read_bytes()), allow_pickle=False) as z:
         assert z["images"].shape[0] == 10
     assert not any(p.name.startswith(("s3:", BUCKET)) for p in tmp_path.iterdir())  # nothing landed locally
+
+
+def test_tracking_with_object_storage_defaults_to_a_local_store_and_logs_fetched_files(s3_env, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """MLflow's SQLite store needs a local file: with s3 storage it goes under ~/.pdd_ray, said once;
+    the artifact and results.json are fetched from the bucket before MLflow logs them."""
+    from pdd_ray.tracking import RunTracker, tracking_uri
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("digits", [f"storage=s3://{BUCKET}/t"])
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path}/.pdd_ray/mlflow.db"
+    assert "is an object store" in capsys.readouterr().err
+    run = Folder.at(f"s3://{BUCKET}/t/runs/r")
+    (run / "artifact" / "manifest.json").write_text("{}")
+    (run / "artifact" / "stage_1.npz").write_bytes(b"npz")
+    (run / "results.json").write_text('{"pdd": 1}')
+    logged: list[tuple[str, dict]] = []
+
+    class Client:
+        def log_artifacts(self, run_id, local_dir, artifact_path=None):
+            logged.append((artifact_path, {p.name: p.read_bytes() for p in Path(local_dir).iterdir()}))
+
+        def log_artifact(self, run_id, local_path, artifact_path=None):
+            logged.append((artifact_path, {Path(local_path).name: Path(local_path).read_bytes()}))
+
+    tracker = object.__new__(RunTracker)
+    tracker.client, tracker.run_id = Client(), "r1"
+    tracker._log_run_files(run / "artifact", run / "results.json")
+    assert logged == [("artifact", {"manifest.json": b"{}", "stage_1.npz": b"npz"}),
+                      (None, {"results.json": b'{"pdd": 1}'})]
