@@ -46,8 +46,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pdd_ray.evaluation import BaselineSetup, evaluate_full_baseline, evaluate_random_baseline, format_table
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray
+    from pdd_ray.storage import is_remote
 
-    if args.artifact is not None and Path(args.artifact).exists() and not args.artifact.endswith((".yaml", ".yml")):
+    is_artifact = args.artifact is not None and (is_remote(args.artifact) or Path(args.artifact).exists())
+    if is_artifact and not args.artifact.endswith((".yaml", ".yml")):  # a local folder or an object-store URI
         from pdd_ray.distill.reevaluate import reevaluate_artifact
 
         return reevaluate_artifact(args)

@@ -19,7 +19,6 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig
 from pdd_ray.data.bundle import DatasetBundle
 from pdd_ray.device import pick_device
@@ -29,6 +28,7 @@ from pdd_ray.progress import log as progress_log
 from pdd_ray.progress import time_left
 from pdd_ray.seeding import derive_seed, generator
 from pdd_ray.soft_labels import union_targets
+from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe, accuracy, train
 
 
@@ -117,7 +117,7 @@ class BaselineSetup:
     augment: str
     seed: int
     progress: bool = True
-    cache_dir: Path | None = None
+    cache_dir: str | Path | Folder | None = None
 
 
 def recipe_from_config(cfg: EvalConfig, augment: str) -> TrainRecipe:
@@ -278,7 +278,7 @@ def _evaluate_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> Eval
     path = None
     if setup.cache_dir is not None:
         key = baseline_key(name, stage, recipe, spec, sets, cfg.runs, seed, setup.bundle.digest)
-        path = Path(setup.cache_dir) / f"{key}.json"
+        path = Folder.at(setup.cache_dir) / f"{key}.json"
         cached = _read_cached(path)
         if cached is not None:
             progress_log.info("%s: reused from %s", name, path)
@@ -286,8 +286,7 @@ def _evaluate_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> Eval
     res = evaluate_progressive(name, spec, [stage], EvalPlan(recipe, cfg.runs, seed), sets, RunResources.of(cfg),
                                progress=setup.progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"format": 1, "result": res.to_dict()}))
+        path.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
     return res
 
 
@@ -315,7 +314,7 @@ def baseline_key(name: str, stage: StageSet, recipe: TrainRecipe, spec: ModelSpe
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _read_cached(path: Path) -> EvalResult | None:
+def _read_cached(path: Folder) -> EvalResult | None:
     """A cached baseline, or None (absent or unreadable: it is then recomputed and rewritten)."""
     if not path.is_file():
         return None

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pdd_ray.errors import PddError
+from pdd_ray.storage import Folder
 
 __all__ = ["file_sha256", "verify_files"]
 
@@ -27,7 +28,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def verify_files(root: Path, digests: Mapping[str, str], what: str, fix: str) -> None:
+def verify_files(root: str | Path | Folder, digests: Mapping[str, str], what: str, fix: str) -> None:
     """Raise a one-line :class:`PddError` unless every ``root/name`` has its recorded digest.
 
     ``what`` names the container in the message ("artifact /x/artifact"), ``fix`` says what
@@ -35,9 +36,10 @@ def verify_files(root: Path, digests: Mapping[str, str], what: str, fix: str) ->
     """
     if not isinstance(digests, Mapping):
         raise PddError(f"{what} has a malformed sha256 list ({type(digests).__name__}); {fix}")
+    root = Folder.at(root)  # local folders and object stores alike
     for name, digest in sorted(digests.items()):
         path = root / name
         if Path(name).name != name or not path.is_file():
             raise PddError(f"{what} is incomplete: {name} is missing; {fix}")
-        if file_sha256(path) != digest:
+        if path.sha256() != digest:
             raise PddError(f"{what} is damaged: {name} does not match its recorded sha256 (truncated or corrupt); {fix}")

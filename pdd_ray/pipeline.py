@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import EvalConfig, PddConfig
 from pdd_ray.distill.driver import DistillResult, distill
 from pdd_ray.distill.identity import run_lock
@@ -31,6 +29,7 @@ from pdd_ray.evaluation import (
 from pdd_ray.prepare import Prepared, prepare
 from pdd_ray.progress import phase
 from pdd_ray.runtime import ensure_ray, ensure_storage
+from pdd_ray.storage import Folder
 
 
 @dataclass
@@ -212,8 +211,7 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     hard, random_soft = soft_label_controls(cfg, prepared, result, progress) if baselines else (None, None)
     report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages),
                        pdd_hard=hard, random_soft=random_soft)
-    path = result.directory / "results.json"
-    write_text_atomic(path, json.dumps(report.to_dict(), indent=2))
+    (result.directory / "results.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 
@@ -226,10 +224,9 @@ def training_budget_line(cfg: PddConfig, baselines: bool = True) -> str:
     return line + f", random subset {budget_epochs(ev, p)} in one stage); full data {ev.full_epochs} epochs"
 
 
-def baseline_cache(cfg: PddConfig) -> Path | None:
-    """``<storage>/baselines``: baseline results by digest of what they consume (local storage only)."""
-    root = cfg.storage_root.removeprefix("file://")
-    return None if "://" in root else Path(root) / "baselines"
+def baseline_cache(cfg: PddConfig) -> Folder:
+    """``<storage>/baselines``: baseline results by digest of what they consume."""
+    return Folder.at(cfg.storage_root) / "baselines"
 
 
 def print_report(cfg: PddConfig, report: RunReport) -> None:
@@ -241,5 +238,5 @@ def print_report(cfg: PddConfig, report: RunReport) -> None:
     print(format_table(report.rows()))
     print()
     print(f"artifact: {report.distilled.artifact}  (grids: grid_stage_*.png)")
-    print(f"results:  {Path(report.distilled.directory) / 'results.json'}")
+    print(f"results:  {report.distilled.directory / 'results.json'}")
     print(f"time:     {report.seconds.get('total', 0):.0f} s")

@@ -8,6 +8,7 @@ from pathlib import Path
 import ray
 
 from pdd_ray.errors import PddError
+from pdd_ray.storage import Folder, is_remote
 
 #: Set to 1 to see every Ray worker's log lines (Train's per-checkpoint chatter included).
 VERBOSE_ENV = "PDD_RAY_VERBOSE"
@@ -40,13 +41,15 @@ def ensure_storage(cfg) -> None:
     """Create the run's local storage roots now (``storage``, ``experts.storage``), so a path that
     cannot be created is one line naming it, not a traceback from deep inside MLflow or Ray.
 
-    URIs (``s3://``...) are left to the layers that use them.
+    An object store (``s3://bucket/x``) is checked the same way: its bucket must exist and answer
+    with the endpoint and credentials this process has.
     """
     from pdd_ray.experts.produce import expert_store_root
 
     for key, root in (("storage", cfg.storage_root), ("experts.storage", expert_store_root(cfg))):
         root = root.removeprefix("file://")
-        if "://" in root:
+        if is_remote(root):
+            _check_bucket(key, Folder.at(root))
             continue
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
@@ -55,6 +58,13 @@ def ensure_storage(cfg) -> None:
                            "pass a folder you can write to") from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise PddError(f"{key} = {root!r} is not writable; pass a folder you can write to")
+
+
+def _check_bucket(key: str, folder: Folder) -> None:
+    """One line, now, when an object-store root's bucket is missing or unreachable."""
+    bucket = Folder(folder.fs, folder.path.split("/", 1)[0], folder.scheme)
+    if not bucket.is_dir():  # unreachable endpoints and bad credentials raise their own one line
+        raise PddError(f"{key} = {str(folder)!r}: bucket {str(bucket)!r} does not exist; create it or pass another")
 
 
 def shutdown_ray() -> None:

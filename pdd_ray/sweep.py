@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdd_ray.config import (_format_validation_error, absolute_storage, dump_config, load_config, read_yaml,
                             resolve_preset, split_override)
 from pdd_ray.errors import PddError
+from pdd_ray.storage import Folder
 
 
 class SweepConfig(BaseModel):
@@ -145,7 +145,7 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray, ensure_storage
 
-    storage = Path(absolute_storage(sweep.storage))
+    storage = Folder.at(absolute_storage(sweep.storage))
     base_cfg = load_config(sweep.base, [*sweep.overrides, f"storage={storage}"])
     ensure_storage(base_cfg)
     ensure_ray()
@@ -173,7 +173,8 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                     num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage / "tune"), verbose=1 if progress else 0),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=(storage / "tune").path,
+                                  storage_filesystem=None if storage.local else storage.fs, verbose=1 if progress else 0),
     )
     with closed_on_error(parent):
         grid = tuner.fit()
@@ -206,7 +207,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*header), "-+-".join("-" * w for w in widths), *(fmt.format(*b) for b in body)])
 
 
-def _finish(sweep: SweepConfig, storage: Path, rows: list[dict[str, Any]], parent) -> None:
+def _finish(sweep: SweepConfig, storage: Folder, rows: list[dict[str, Any]], parent) -> None:
     """Print the table, save it and the best config, and log both to the sweep's parent run."""
     table = results_table(rows)
     print(table)
@@ -223,5 +224,5 @@ def _finish(sweep: SweepConfig, storage: Path, rows: list[dict[str, Any]], paren
         parent.client.log_table(parent.run_id, {c: [r[c] for r in rows] for c in cols}, "sweep_results.json")
         parent.client.log_text(parent.run_id, table, "sweep_results.md")
         if best is not None:
-            parent.client.log_artifact(parent.run_id, str(storage / "best_config.yaml"))
+            parent.client.log_text(parent.run_id, (storage / "best_config.yaml").read_text(), "best_config.yaml")
         parent.finish("FINISHED")

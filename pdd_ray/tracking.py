@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,20 +26,32 @@ import numpy as np
 
 from pdd_ray import __version__
 from pdd_ray.config import PddConfig, dump_config
-from pdd_ray.errors import PddError
 from pdd_ray.mlflow_store import ensure_store
+from pdd_ray.storage import Folder, is_remote
 
 PARENT_TAG = "mlflow.parentRunId"
 
 
+#: Where the MLflow store goes when ``storage`` is an object store and no tracking URI is given.
+REMOTE_STORAGE_TRACKING_DIR = "~/.pdd_ray"
+
+
 def tracking_uri(cfg: PddConfig) -> str:
-    """``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<storage>/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<storage>/mlflow.db``.
+
+    MLflow's SQLite store needs a local file: with ``storage`` in an object store it goes to
+    ``~/.pdd_ray/mlflow.db`` on the driver's machine (said once on stderr); a team sets
+    ``tracking.uri`` to a server instead.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
     if uri:
         return uri
     root = cfg.storage_root.removeprefix("file://")
-    if "://" in root:
-        raise PddError(f"storage = {cfg.storage_root!r} is remote: set tracking.uri to an MLflow server (http://HOST:5000)")
+    if is_remote(root):
+        root = str(Path(REMOTE_STORAGE_TRACKING_DIR).expanduser())
+        print(f"pdd-ray: storage {cfg.storage_root} is an object store, so MLflow tracks this run in "
+              f"{root}/mlflow.db on this machine (`pdd-ray ui {root}`); set tracking.uri to share a server",
+              file=sys.stderr, flush=True)
     Path(root).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
 
@@ -390,11 +403,25 @@ class RunTracker:
         self.client.log_figure(self.run_id, accuracy_figure(report, self.cfg.evaluation.full_epochs, pdd_epochs),
                                "accuracy_vs_stage.png")
         self.client.log_figure(self.run_id, loss_figure(report), "matching_loss.png")
-        self.client.log_artifacts(self.run_id, str(report.distilled.artifact), "artifact")
-        self.client.log_artifact(self.run_id, str(report.distilled.directory / "results.json"))
+        self._log_run_files(report.distilled.artifact, report.distilled.directory / "results.json")
         self.client.log_table(self.run_id, {
             "method": [r[0] for r in report.rows()], "setting": [r[1] for r in report.rows()],
             "mean": [r[2] for r in report.rows()], "std": [r[3] for r in report.rows()]}, "results_table.json")
+
+    def _log_run_files(self, artifact: Folder, results: Folder) -> None:
+        """The artifact folder and ``results.json`` as MLflow artifacts (MLflow reads local files:
+        from an object store they are fetched into a temporary folder first)."""
+        if artifact.local:
+            self.client.log_artifacts(self.run_id, str(artifact), "artifact")
+            self.client.log_artifact(self.run_id, str(results))
+            return
+        with tempfile.TemporaryDirectory(prefix="pdd-ray-mlflow-") as tmp:
+            (Path(tmp) / "artifact").mkdir()
+            for f in artifact.files():
+                (Path(tmp) / "artifact" / f.name).write_bytes(f.read_bytes())
+            (Path(tmp) / results.name).write_bytes(results.read_bytes())
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / "artifact"), "artifact")
+            self.client.log_artifact(self.run_id, str(Path(tmp) / results.name))
 
     def finish(self, status: str = "FINISHED") -> None:
         for run_id in self.stage_ids.values():

@@ -134,9 +134,9 @@ def test_stage_record_without_digest_still_reads(tmp_path):
 def _artifact(tmp_path: Path) -> Path:
     o = _outcome()
     spec = ModelSpec(arch="convnet", channels=1, num_classes=10, image_size=8, width=8, depth=2)
-    return write_artifact(tmp_path / "artifact", [StageSet(o.images, o.labels, lr=0.01, epochs=5)], spec,
+    return Path(write_artifact(tmp_path / "artifact", [StageSet(o.images, o.labels, lr=0.01, epochs=5)], spec,
                           DataSpace({"name": "digits", "digest": "d", "classes": [str(i) for i in range(10)],
-                                     "shape": [1, 8, 8]}, (0.5,), (0.25,), None), TrainRecipe(epochs=5, lr=0.01), True, {"run_key": "k"})
+                                     "shape": [1, 8, 8]}, (0.5,), (0.25,), None), TrainRecipe(epochs=5, lr=0.01), True, {"run_key": "k"}))
 
 
 def test_damaged_artifact_is_refused(tmp_path):

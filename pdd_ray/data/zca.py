@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import io
 import os
 import zipfile
 from numbers import Real
@@ -131,11 +132,15 @@ class ZCA:
             os.fsync(f.fileno())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ZCA":
-        """Read a file written by :meth:`save`; object arrays are refused (no pickle)."""
-        path = Path(path)
+    def load(cls, path: str | os.PathLike, data: bytes | None = None) -> "ZCA":
+        """Read a file written by :meth:`save`; object arrays are refused (no pickle).
+
+        ``data``: the file's bytes when it was fetched from an object store (``path`` then only
+        names it in messages).
+        """
+        source = io.BytesIO(data) if data is not None else Path(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(source, allow_pickle=False) as z:
                 fields = {k: z[k] for k in ("format", "eps", "mean", "matrix", "inverse_matrix")}
         except FileNotFoundError as exc:
             raise PddError(f"ZCA file {path} does not exist; expected a .npz written by ZCA.save") from exc

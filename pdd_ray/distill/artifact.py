@@ -23,9 +23,11 @@ and ``load_distilled`` returns ready-to-train tensors.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from pdd_ray.evaluation import StageSet
 from pdd_ray.image_grid import save_grid, to_pixels
 from pdd_ray.integrity import file_sha256, verify_files
 from pdd_ray.modelspec import ModelSpec
+from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe
 
 FORMAT = 1
@@ -90,7 +93,7 @@ class DataSpace:
 
 
 def write_artifact(
-    path: str | Path,
+    path: str | Path | Folder,
     stages: list[StageSet],
     spec: ModelSpec,
     space: DataSpace,
@@ -98,31 +101,46 @@ def write_artifact(
     carry_optimizer_state: bool,
     provenance: dict,
     decode: dict | None = None,
-) -> Path:
+) -> Folder:
     """Write the artifact directory; it appears under its final name only when complete.
 
     ``decode`` (the method's ``decode_info``, e.g. IDC's multi-formation) is recorded as the
     manifest's ``"decode"`` entry; the stage files always hold decoded, ready-to-train images.
-    None (MTT, DM) writes no entry, so those manifests are unchanged.
+    None (MTT, DM) writes no entry, so those manifests are unchanged. In an object store the
+    artifact is built in a local temporary folder and uploaded with its manifest last
+    (:meth:`pdd_ray.storage.Folder.upload`).
     """
-    final = Path(path)
-    tmp_dir = temp_name(final)
+    final = Folder.at(path)
+    contents = (stages, spec, space, recipe, carry_optimizer_state, provenance, decode)
+    if not final.local:
+        with tempfile.TemporaryDirectory(prefix="pdd-ray-artifact-") as tmp:
+            _fill(Path(tmp), *contents)
+            final.upload(Path(tmp), last="manifest.json")
+        return final
+    final_path = Path(final)
+    tmp_dir = temp_name(final_path)
     tmp_dir.mkdir(parents=True)
     try:
-        entries = _write_stages(tmp_dir, stages, spec, space)
-        if space.zca is not None:
-            space.zca.save(tmp_dir / "zca.npz")
-        manifest = _manifest(entries, stages, spec, space, recipe, carry_optimizer_state, provenance, decode)
-        # a digest per file: load_distilled refuses damaged bytes instead of training on them
-        manifest["sha256"] = {f.name: file_sha256(f) for f in sorted(tmp_dir.iterdir()) if f.is_file()}
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp_dir, final)
+        _fill(tmp_dir, *contents)
+        if final_path.exists():
+            shutil.rmtree(final_path)
+        os.replace(tmp_dir, final_path)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final
+
+
+def _fill(folder: Path, stages: list[StageSet], spec: ModelSpec, space: DataSpace, recipe: TrainRecipe,
+          carry_optimizer_state: bool, provenance: dict, decode: dict | None) -> None:
+    """Write the artifact's files into an empty local folder, the manifest last."""
+    entries = _write_stages(folder, stages, spec, space)
+    if space.zca is not None:
+        space.zca.save(folder / "zca.npz")
+    manifest = _manifest(entries, stages, spec, space, recipe, carry_optimizer_state, provenance, decode)
+    # a digest per file: load_distilled refuses damaged bytes instead of training on them
+    manifest["sha256"] = {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _write_stages(tmp_dir: Path, stages: list[StageSet], spec: ModelSpec, space: DataSpace) -> list[dict]:
@@ -176,9 +194,10 @@ def _manifest(entries: list[dict], stages: list[StageSet], spec: ModelSpec, spac
     return manifest
 
 
-def load_distilled(path: str | Path) -> Distilled:
-    """Read an artifact directory into ready-to-train tensors (no pickle anywhere)."""
-    root = Path(path)
+def load_distilled(path: str | Path | Folder) -> Distilled:
+    """Read an artifact directory (a local path or an object-store URI such as
+    ``s3://bucket/x/runs/digits-<key>/artifact``) into ready-to-train tensors (no pickle anywhere)."""
+    root = Folder.at(path)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise PddError(f"{root} is not a pdd_ray artifact: no manifest.json (expected the 'artifact' folder of a run)")
@@ -196,14 +215,16 @@ def load_distilled(path: str | Path) -> Distilled:
     for entry in manifest["stages"]:
         file = root / entry["file"]
         try:
-            with np.load(file, allow_pickle=False) as z:
+            with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as z:
                 images, labels = torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy())
                 soft = torch.from_numpy(z["soft_labels"].copy()) if entry.get("soft_labels") else None
         except (OSError, KeyError, ValueError) as exc:
             raise PddError(f"artifact stage file {file} is missing or corrupt ({type(exc).__name__})") from None
         stages.append(StageSet(images, labels, lr=float(entry["alpha"]), epochs=entry.get("epochs"), soft_labels=soft))
     zca_file = manifest["normalization"].get("zca")
-    zca = ZCA.load(root / zca_file) if zca_file else None
+    zca = None
+    if zca_file:  # local files are read in place; remote ones are fetched first
+        zca = ZCA.load(str(root / zca_file), None if root.local else (root / zca_file).read_bytes())
     ev = dict(manifest["evaluation"])
     carry = bool(ev.pop("carry_optimizer_state", True))
     for k in ("note", "labels", "labels_note"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pdd_ray.config import PddConfig, dump_config
 from pdd_ray.distill.artifact import DataSpace, write_artifact
@@ -37,14 +36,15 @@ from pdd_ray.experts.produce import stage1_experts
 from pdd_ray.prepare import Prepared
 from pdd_ray.progress import log as progress_log
 from pdd_ray.progress import phase
+from pdd_ray.storage import Folder
 
 
 @dataclass
 class DistillResult:
     """Where the run lives and what it produced."""
 
-    directory: Path
-    artifact: Path
+    directory: Folder
+    artifact: Folder
     stages: list[StageSet]
     outcomes: list[StageOutcome]
     expert_keys: list[str | None]
@@ -80,7 +80,7 @@ def _first_conditioning(cfg: PddConfig, prepared: Prepared, progress: bool, trac
     return None
 
 
-def _stage_outcome(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None,
+def _stage_outcome(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, key: str | None,
                    stored: list[StageSet], progress: bool, sink) -> tuple[StageOutcome, bool]:
     """Stage k's outcome: read from its record when it finished earlier, else distilled now and
     recorded. Returns it with whether it came from the record."""
@@ -109,7 +109,7 @@ class _Run:
 
 def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, tracker) -> DistillResult:
     directory = run_dir(cfg)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir()
     (directory / "config.yaml").write_text(dump_config(cfg))
     t0 = time.perf_counter()
     key = _first_conditioning(cfg, prepared, progress, tracker)
@@ -127,14 +127,14 @@ def _distill(cfg: PddConfig, prepared: Prepared, progress: bool, on_stage, track
     return DistillResult(directory, artifact, run.stages, run.outcomes, run.keys, run.seconds, run.health)
 
 
-def _record_real_examples(prepared: Prepared, directory: Path, k: int, n: int, progress: bool, tracker) -> None:
+def _record_real_examples(prepared: Prepared, directory: Folder, k: int, n: int, progress: bool, tracker) -> None:
     """Stage k uses ``n`` real training examples: in the run directory and on the tracker."""
     record_real_examples(directory, k, n, prepared.bundle.train_x.shape[0], progress)
     if tracker is not None:
         tracker.on_real_examples(k, n)
 
 
-def _transition(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None, run: _Run,
+def _transition(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, key: str | None, run: _Run,
                 progress: bool, tracker) -> str:
     """The experts of stage k+1 (timed) and the real examples they use; returns their key."""
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def _transition(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key
     return key
 
 
-def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, key: str | None, run: _Run,
+def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, key: str | None, run: _Run,
                progress: bool, tracker) -> StageOutcome:
     """Stage k's outcome with its time, health check and tracking."""
     t0 = time.perf_counter()
@@ -172,8 +172,8 @@ def _add_stage(cfg: PddConfig, prepared: Prepared, method: type[BaseMethod], k: 
     run.stages.append(StageSet(train_x, train_y, lr=out.alpha, epochs=ev_epochs, soft_labels=out.soft_labels))
 
 
-def _write_run_artifact(cfg: PddConfig, prepared: Prepared, method: type[BaseMethod], directory: Path,
-                        run: _Run) -> Path:
+def _write_run_artifact(cfg: PddConfig, prepared: Prepared, method: type[BaseMethod], directory: Folder,
+                        run: _Run) -> Folder:
     """The run's artifact: the decoded stages with their evaluation recipe and provenance."""
     b = prepared.bundle
     return write_artifact(

@@ -7,18 +7,19 @@ changes exactly when a consumed setting does (``tests/distill/test_run_key.py``)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from pdd_ray.config import PddConfig
 from pdd_ray.distill.methods import method_class, method_image_lr, method_settings
-from pdd_ray.errors import PddError
 from pdd_ray.evaluation import recipe_from_config
 from pdd_ray.experts.produce import expert_recipe, kept_epochs, matching_reach
 from pdd_ray.experts.store import store_key
 from pdd_ray.locks import file_lock
 from pdd_ray.prepare import data_settings
 from pdd_ray.seeding import derive_seed
+from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe
 
 
@@ -111,13 +112,10 @@ def run_key(cfg: PddConfig) -> str:
     return store_key(run_settings(cfg))
 
 
-def run_dir(cfg: PddConfig) -> Path:
-    """``<storage>/runs/<name>-<key>``: the same config finds its run again."""
-    root = cfg.storage_root
-    if "://" in root and not root.startswith("file://"):
-        raise PddError(f"storage = {root!r}: runs need a local or shared (NFS) path for now; use an absolute path")
-    root = root.removeprefix("file://")
-    return Path(root) / "runs" / f"{cfg.name}-{run_key(cfg)}"
+def run_dir(cfg: PddConfig) -> Folder:
+    """``<storage>/runs/<name>-<key>``: the same config finds its run again (a local or NFS
+    folder, or an object-store prefix such as ``s3://bucket/x/runs/digits-<key>``)."""
+    return Folder.at(cfg.storage_root) / "runs" / f"{cfg.name}-{run_key(cfg)}"
 
 
 def run_lock(cfg: PddConfig):
@@ -126,6 +124,10 @@ def run_lock(cfg: PddConfig):
     Two runs of the same config in one storage would otherwise train the same stages twice and
     rewrite each other's artifact; with it the second waits, then finds every stage finished.
     The lock file sits beside the run directory, so deleting the directory cannot split it.
+    Object stores cannot lock (as for the trajectory store): there two runs of one config both
+    train, both write complete records, and the last write wins.
     """
     directory = run_dir(cfg)
-    return file_lock(directory.parent / f".{directory.name}.lock", f"run directory {directory}")
+    if not directory.local:
+        return nullcontext()
+    return file_lock(Path(directory.parent) / f".{directory.name}.lock", f"run directory {directory}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import ray
 import torch
@@ -29,6 +28,7 @@ from pdd_ray.experts.produce import expert_store_root
 from pdd_ray.experts.store import TrajectoryStore
 from pdd_ray.prepare import Prepared
 from pdd_ray.seeding import derive_seed
+from pdd_ray.storage import Folder
 
 #: Test hook: rank 0 of the first stage raises once at this iteration (see tests/distill/test_driver.py).
 FAIL_AT_ENV = "PDD_RAY_FAIL_AT_ITERATION"
@@ -86,7 +86,7 @@ def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: Conditioning
     return StageSets(frozen_x, frozen_y, init_x, init_y, init_soft, frozen_soft)
 
 
-def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, cond: Conditioning,
+def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, cond: Conditioning,
                 init: StageSets, board, record: bool) -> StageTask:
     """Everything stage k's workers need, sent once through ``train_loop_config``."""
     d, b = cfg.distill, prepared.bundle
@@ -114,12 +114,12 @@ def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Path, k: int, con
     )
 
 
-def _problem_path(directory: Path, k: int) -> Path:
+def _problem_path(directory: Folder, k: int) -> Folder:
     """Where stage k's workers write the one-line reason of a non-finite or diverged stop."""
     return directory / f"stage_{k}.problem.txt"
 
 
-def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
+def _trainer(cfg: PddConfig, directory: Folder, k: int, task: StageTask):
     """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -133,7 +133,9 @@ def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"stage_{k}",
-            storage_path=str(directory / "train"),
+            # an object store is handed over with its file system (the endpoint the driver resolved)
+            storage_path=(directory / "train").path,
+            storage_filesystem=None if directory.local else directory.fs,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -143,7 +145,7 @@ def _trainer(cfg: PddConfig, directory: Path, k: int, task: StageTask):
 def run_stage(
     cfg: PddConfig,
     prepared: Prepared,
-    directory: Path,
+    directory: Folder,
     k: int,
     expert_key: str | None,
     frozen: list[StageSet],
@@ -162,7 +164,7 @@ def run_stage(
     cond = _conditioning(cfg, expert_key)
     init = _initial_sets(cfg, prepared, k, cond, frozen)
     problem_path = _problem_path(directory, k)  # written by the workers if the stage goes non-finite
-    problem_path.unlink(missing_ok=True)
+    problem_path.unlink()
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None))
     stop = threading.Event()
@@ -178,7 +180,7 @@ def run_stage(
         ray.kill(board)
     if problem_path.is_file():  # the workers stopped at a NaN/inf: no stage record, no artifact, one line
         problem = problem_path.read_text().strip()
-        problem_path.unlink(missing_ok=True)
+        problem_path.unlink()
         raise PddError(problem)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {k} finished without a checkpoint: {result.error!r}")

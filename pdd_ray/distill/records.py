@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -16,9 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pdd_ray.atomic import atomic_path, write_text_atomic
 from pdd_ray.errors import PddError
-from pdd_ray.integrity import file_sha256, verify_files
+from pdd_ray.integrity import verify_files
+from pdd_ray.storage import Folder
 
 
 @dataclass
@@ -35,36 +37,38 @@ class StageOutcome:
     soft_labels: torch.Tensor | None = None  # learned logits (DATM), None for hard labels
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
+def _write_json(path: Folder, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2))
 
 
-def save_stage(directory: Path, k: int, out: StageOutcome) -> None:
+def save_stage(directory: str | Path | Folder, k: int, out: StageOutcome) -> None:
     """Record stage k as finished: images first, manifest last (the manifest marks completion).
 
     The manifest lists the SHA-256 of ``stage.npz``, so :func:`load_stage` can tell a damaged
     record from a good one.
     """
-    d = directory / f"stage_{k}"
-    d.mkdir(parents=True, exist_ok=True)
+    d = Folder.at(directory) / f"stage_{k}"
     soft = {"soft_labels": out.soft_labels.numpy()} if out.soft_labels is not None else {}
-    with atomic_path(d / "stage.npz", suffix=".npz") as tmp:
-        np.savez(tmp, images=out.images.numpy(), labels=out.labels.numpy(),
-                 losses=np.array(out.losses, dtype=np.float64),
-                 val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2), **soft)
-        digest = file_sha256(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=out.images.numpy(), labels=out.labels.numpy(),
+             losses=np.array(out.losses, dtype=np.float64),
+             val_history=np.array(out.val_history, dtype=np.float64).reshape(-1, 2), **soft)
+    data = buffer.getvalue()
+    (d / "stage.npz").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
     _write_json(d / "manifest.json", {"stage": k, "done": True, "alpha": out.alpha,
                                       "best_val_acc": out.best_val_acc, "best_iteration": out.best_iteration,
                                       "sha256": {"stage.npz": digest}})
 
 
-def load_stage(directory: Path, k: int) -> StageOutcome | None:
+def load_stage(directory: str | Path | Folder, k: int) -> StageOutcome | None:
     """A finished stage's record, or None when stage k has not finished.
 
     A record that does not match its manifest's digest, or cannot be parsed, is a
     :class:`PddError`: training on damaged images would go unnoticed. Records written before
     digests existed (no ``sha256`` in the manifest) are read unverified.
     """
+    directory = Folder.at(directory)
     d = directory / f"stage_{k}"
     if not (d / "manifest.json").is_file():
         return None
@@ -76,7 +80,7 @@ def load_stage(directory: Path, k: int) -> StageOutcome | None:
             raise ValueError(f"holds a {type(m).__name__}, not an object")
         if "sha256" in m:
             verify_files(d, m["sha256"], f"stage record {d}", fix)
-        with np.load(d / "stage.npz", allow_pickle=False) as z:
+        with np.load(io.BytesIO((d / "stage.npz").read_bytes()), allow_pickle=False) as z:
             return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
                                 float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
                                 z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]],
@@ -88,9 +92,9 @@ def load_stage(directory: Path, k: int) -> StageOutcome | None:
         raise PddError(f"stage record {d} is truncated or corrupt ({type(err).__name__}: {why}); {fix}") from None
 
 
-def record_real_examples(directory: Path, k: int, n: int, total: int, progress: bool = True) -> None:
+def record_real_examples(directory: str | Path | Folder, k: int, n: int, total: int, progress: bool = True) -> None:
     """Note that stage k used ``n`` of the ``total`` real training examples (forgetting-score discarding)."""
-    path = directory / "real_examples.json"
+    path = Folder.at(directory) / "real_examples.json"
     counts = json.loads(path.read_text()) if path.is_file() else {}
     counts[f"stage_{k}"] = n
     _write_json(path, counts)

@@ -45,7 +45,7 @@ def reevaluate_artifact(args: argparse.Namespace) -> int:
         for k, stage in enumerate(art.stages):
             ipc += stage.images.shape[0] // art.spec.num_classes
             rows.append((f"PDD stage {k + 1} [{arch}]", f"ipc {ipc}", float(res.mean()[k] * 100), float(res.std()[k] * 100)))
-    print(f"artifact {Path(args.artifact)}: {art.manifest['dataset']['name']}, {runs} runs")
+    print(f"artifact {args.artifact}: {art.manifest['dataset']['name']}, {runs} runs")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=2))

@@ -23,11 +23,11 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from pdd_ray.atomic import write_text_atomic
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, MethodContext, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -423,8 +423,9 @@ def _maybe_inject_failure(task: StageTask, it: int, rank: int) -> None:
     makes the restarted worker go on."""
     rt = task.runtime
     if rt.fail_at is not None and it == rt.fail_at and rank == 0 and rt.fail_marker:
-        if not os.path.exists(rt.fail_marker):
-            Path(rt.fail_marker).write_text(str(it))
+        marker = Folder.at(rt.fail_marker)
+        if not marker.exists():
+            marker.write_text(str(it))
             raise RuntimeError(f"injected failure at iteration {it}")
 
 
@@ -433,7 +434,7 @@ def _stop(task: StageTask, rank: int, it: int, problem: str, recorder: _Recorder
     if recorder is not None:
         recorder.flush()
     if rank == 0 and task.runtime.problem_path:  # the driver turns it into a PddError (Train drops
-        write_text_atomic(Path(task.runtime.problem_path), problem)  # metrics reported without checkpoints)
+        Folder.at(task.runtime.problem_path).write_text(problem)  # metrics reported without checkpoints)
     ray.train.report({"iteration": it, NONFINITE_METRIC: problem}, checkpoint=None)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_stages_shapes_frozen_and_alpha_positive(finished):
     # from lr_init by more than float32 rounding (the selected α may be iteration 0's, when selection keeps it)
     for k in range(1, cfg.distill.num_stages + 1):
         states = [torch.load(p, map_location="cpu", weights_only=True)
-                  for p in (result.directory / "train" / f"stage_{k}").rglob("state.pt")]
+                  for p in Path(result.directory, "train", f"stage_{k}").rglob("state.pt")]
         last = max(states, key=lambda st: int(st["iteration"]))
         assert abs(float(last["alpha"]) - cfg.distill.lr_init) > 1e-6, (k, float(last["alpha"]))
     # frozen: stage 1 optimised alone; stage 2 was handed exactly stage 1's finished images as
