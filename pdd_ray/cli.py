@@ -103,17 +103,14 @@ def cmd_experts(args: argparse.Namespace) -> int:
     ensure_storage(cfg)
     prepared = prepare(cfg)
     ensure_ray()
-    from pdd_ray.tracking import RunTracker, closed_on_error
+    from pdd_ray.tracking import tracked
 
-    tracker = None
-    if cfg.tracking.enabled:
-        tracker = RunTracker(cfg, run_name=f"{cfg.name}/experts", extra_tags={"pdd.kind": "experts"})
-        tracker.log_dataset(prepared.bundle)
-    with closed_on_error(tracker):
+    with tracked(cfg, run_name=f"{cfg.name}/experts", extra_tags={"pdd.kind": "experts"}) as tracker:
+        if tracker is not None:
+            tracker.log_dataset(prepared.bundle)
         key, summaries = stage1_experts(cfg, prepared, progress=not args.no_progress)
-    if tracker is not None:
-        tracker.on_experts(key, summaries)
-        tracker.finish()
+        if tracker is not None:
+            tracker.on_experts(key, summaries)
     if summaries:
         accs = [s["final_val_acc"] * 100 for s in summaries]
         print(f"trained {len(summaries)} experts; final validation accuracy "

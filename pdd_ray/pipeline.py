@@ -174,17 +174,14 @@ def _tracked_run(cfg: PddConfig, prepared: Prepared, progress: bool, parent_run_
                  run_name: str | None, on_stage, baselines: bool) -> RunReport:
     """:func:`run` once its run directory is locked: Ray, the MLflow run, the work, the report."""
     ensure_ray()
-    from pdd_ray.tracking import RunTracker, closed_on_error
+    from pdd_ray.tracking import tracked
 
-    tracker = None
-    if cfg.tracking.enabled:
-        tracker = RunTracker(cfg, parent_id=parent_run_id, run_name=run_name)
-        tracker.log_dataset(prepared.bundle)
-    with closed_on_error(tracker):  # Ctrl-C included: no run is left RUNNING
+    with tracked(cfg, parent_id=parent_run_id, run_name=run_name) as tracker:  # closed however the body ends
+        if tracker is not None:
+            tracker.log_dataset(prepared.bundle)
         report = _run(cfg, prepared, progress, tracker, on_stage, baselines)
-    if tracker is not None:
-        tracker.on_report(report)
-        tracker.finish("FINISHED")
+        if tracker is not None:
+            tracker.on_report(report)
     return report
 
 

@@ -137,10 +137,6 @@ def _trial(sampled: dict[str, Any]) -> None:
 
 def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run the sweep; returns one row per trial (also printed, logged and saved)."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from pdd_ray.experts.produce import stage1_experts
     from pdd_ray.prepare import prepare
     from pdd_ray.runtime import ensure_ray, ensure_storage
@@ -152,11 +148,20 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
     # shared stage-1 experts first: every layout of this sweep uses the same expert settings
     stage1_experts(base_cfg, prepare(base_cfg), progress=progress)
 
-    from pdd_ray.tracking import RunTracker, closed_on_error
+    from pdd_ray.tracking import tracked
 
-    parent = None
-    if base_cfg.tracking.enabled:
-        parent = RunTracker(base_cfg, run_name=sweep.name, extra_tags={"pdd.sweep": sweep.name})
+    with tracked(base_cfg, run_name=sweep.name, extra_tags={"pdd.sweep": sweep.name}) as parent:
+        rows = _tune(sweep, base_cfg, storage, parent, progress)
+        _finish(sweep, storage, rows, parent)
+    return rows
+
+
+def _tune(sweep: SweepConfig, base_cfg, storage: Folder, parent, progress: bool) -> list[dict[str, Any]]:
+    """The Tune run of every layout (a child MLflow run of ``parent`` each); one row per trial."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     d = base_cfg.distill
     per_trial_cpus = d.num_workers * d.cpus_per_worker
     concurrency = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
@@ -176,8 +181,7 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
         run_config=tune.RunConfig(name=sweep.name, storage_path=(storage / "tune").path,
                                   storage_filesystem=None if storage.local else storage.fs, verbose=1 if progress else 0),
     )
-    with closed_on_error(parent):
-        grid = tuner.fit()
+    grid = tuner.fit()
     rows = []
     for res in grid:
         cfg = res.config or {}
@@ -190,7 +194,6 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> list[dict[str, Any]]
                      "stages_done": m.get("stage"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
                      "error": str(res.error).splitlines()[0] if res.error else None})
     rows.sort(key=lambda r: -(r["val_acc"] or -1))
-    _finish(sweep, storage, rows, parent)
     return rows
 
 
@@ -225,4 +228,3 @@ def _finish(sweep: SweepConfig, storage: Folder, rows: list[dict[str, Any]], par
         parent.client.log_text(parent.run_id, table, "sweep_results.md")
         if best is not None:
             parent.client.log_text(parent.run_id, (storage / "best_config.yaml").read_text(), "best_config.yaml")
-        parent.finish("FINISHED")

@@ -451,6 +451,21 @@ def closed_on_error(tracker: RunTracker | None) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def tracked(cfg: PddConfig, **run_options: Any) -> Iterator[RunTracker | None]:
+    """The work's MLflow run, opened once: yields its :class:`RunTracker` (None with tracking off).
+
+    The one place a tracked command opens and closes its run: FINISHED when the body ends,
+    KILLED on Ctrl-C, FAILED on an error (:func:`closed_on_error`), so no run is left RUNNING.
+    ``run_options`` go to :class:`RunTracker` (``run_name``, ``parent_id``, ``extra_tags``).
+    """
+    tracker = RunTracker(cfg, **run_options) if cfg.tracking.enabled else None
+    with closed_on_error(tracker):
+        yield tracker
+    if tracker is not None:
+        tracker.finish("FINISHED")
+
+
 def resume_key(cfg: PddConfig, extra_tags: dict[str, str] | None = None) -> str:
     """What a re-run of the same work shares with the run it resumes: its kind and run key."""
     from pdd_ray.distill.identity import run_key

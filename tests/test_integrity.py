@@ -33,8 +33,7 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
 def _expert(tmp_path: Path) -> tuple[TrajectoryStore, np.ndarray, Path]:
     params = np.random.default_rng(0).standard_normal((6, 4000)).astype(np.float32)
     store = TrajectoryStore(str(tmp_path / "experts"))
-    path = Path(store.write(KEY, 0, params, {"param_count": 4000},
-                            columns={"correct": np.random.default_rng(1).random((6, 50)) < 0.5}))
+    path = Path(store.write(KEY, 0, params, {"param_count": 4000}))
     return store, params, path
 
 
@@ -42,7 +41,6 @@ def _read_all(store: TrajectoryStore) -> None:
     with store.open(KEY, 0) as r:
         for row in range(r.num_rows):
             r.params(row)
-            r.column("correct", row)
 
 
 def test_flipped_bytes_inside_a_snapshot_are_caught(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import ray
 import torch
@@ -119,8 +120,9 @@ def _problem_path(directory: Folder, k: int) -> Folder:
     return directory / f"stage_{k}.problem.txt"
 
 
-def _trainer(cfg: PddConfig, directory: Folder, k: int, task: StageTask):
+def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: StageTask):
     """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
+    directory = Folder.at(directory)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -145,7 +147,7 @@ def _trainer(cfg: PddConfig, directory: Folder, k: int, task: StageTask):
 def run_stage(
     cfg: PddConfig,
     prepared: Prepared,
-    directory: Folder,
+    directory: str | Path | Folder,
     k: int,
     expert_key: str | None,
     frozen: list[StageSet],
@@ -159,6 +161,7 @@ def run_stage(
     a method that starts from fresh random networks. ``sink`` (the tracker's stage logger)
     gets rank 0's per-iteration metrics and image grids, on this process.
     """
+    directory = Folder.at(directory)  # a local path or an object-store URI
     d = cfg.distill
     _check_fits_cluster(d.num_workers, d.cpus_per_worker, d.use_gpu)
     cond = _conditioning(cfg, expert_key)

@@ -62,7 +62,6 @@ _CRC = b"pdd_ray.crc32"  # one CRC-32 per row (snapshot) over its values: damage
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _FINAL_RE = re.compile(r"expert_(\d{5,})\.arrow")
 _TEMP_RE = re.compile(r"expert_\d{5,}\.arrow\.tmp-[0-9a-f]{32}")
-_RESERVED_COLUMNS = ("epoch", "params")
 _INT32_MAX = 2**31 - 1
 _REBUILD = "delete it and re-run `pdd-ray experts` to rebuild it"
 
@@ -166,32 +165,13 @@ def _check_epochs(epochs: Sequence[int] | None, rows: int) -> list[int]:
     return out
 
 
-def _check_columns(columns: Mapping[str, np.ndarray] | None, rows: int) -> dict[str, np.ndarray]:
-    if columns is None:
-        return {}
-    if not isinstance(columns, Mapping):
-        raise PddError(f"columns must be a dict of name -> (rows, K) array, got {type(columns).__name__}")
-    out: dict[str, np.ndarray] = {}
-    for name, arr in columns.items():
-        if not isinstance(name, str) or not name or name in _RESERVED_COLUMNS:
-            raise PddError(f"column name {name!r} is invalid; use a non-empty name other than 'epoch'/'params'")
-        ok_kind = isinstance(arr, np.ndarray) and arr.dtype.kind in "biuf"
-        if not ok_kind or arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] == 0:
-            desc = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
-            raise PddError(
-                f"column {name!r} is {desc}; expected a ({rows}, K>0) array of bool, int or float"
-            )
-        out[name] = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
-    return out
-
-
 def _fixed_list(row: np.ndarray) -> pa.FixedSizeListArray:
     """One row as a length-1 fixed_size_list (zero-copy from numpy for numeric dtypes)."""
     return pa.FixedSizeListArray.from_arrays(pa.array(row), row.shape[0])
 
 
 def _row_crc(values: Sequence[np.ndarray]) -> int:
-    """CRC-32 of one row's values (params, then each extra column), as their native bytes.
+    """CRC-32 of one row's values (every column after ``epoch``), as their native bytes.
 
     CRC-32 rather than a cryptographic hash: it only has to catch accidental damage, and it
     runs at memory speed (a 1.3 MB ConvNet-3 CIFAR snapshot: 0.6 ms on a busy shared CPU).
@@ -202,9 +182,9 @@ def _row_crc(values: Sequence[np.ndarray]) -> int:
     return crc
 
 
-def _row_batch(schema: pa.Schema, epoch: int, params: np.ndarray, extras: list[np.ndarray]) -> pa.RecordBatch:
+def _row_batch(schema: pa.Schema, epoch: int, params: np.ndarray) -> pa.RecordBatch:
     """Build the record batch for one saved epoch (module level so tests can break it)."""
-    arrays = [pa.array([epoch], pa.int32()), _fixed_list(params)] + [_fixed_list(e) for e in extras]
+    arrays = [pa.array([epoch], pa.int32()), _fixed_list(params)]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -303,41 +283,36 @@ class TrajectoryStore:
         params: np.ndarray,
         meta: dict,
         epochs: Sequence[int] | None = None,
-        columns: dict[str, np.ndarray] | None = None,
     ) -> str:
         """Atomically store one expert's trajectory; return its path.
 
         ``params`` is (T, P) float32: row t is the flat parameter vector saved at
-        ``epochs[t]`` (default ``0..T-1``). ``columns`` holds extra per-row (T, K) arrays
-        (e.g. per-example correctness bits for forgetting scores). ``meta`` is a JSON dict
-        that readers can check with ``open(..., expect=...)``.
+        ``epochs[t]`` (default ``0..T-1``). ``meta`` is a JSON dict that readers can check
+        with ``open(..., expect=...)``.
         """
         final = self._fs_path(key, index)
         params = _check_params(params)
         rows, count = params.shape
         saved = _check_epochs(epochs, rows)
-        extras = _check_columns(columns, rows)
         if not isinstance(meta, Mapping):
             raise PddError(f"meta must be a dict, got {type(meta).__name__}")
         meta_json = _dumps(_canonical(meta, "meta"))
 
         fields = [pa.field("epoch", pa.int32(), nullable=False), pa.field("params", pa.list_(pa.float32(), count))]
-        for name, arr in extras.items():
-            fields.append(pa.field(name, pa.list_(pa.from_numpy_dtype(arr.dtype), arr.shape[1])))
         schema = pa.schema(fields).with_metadata(
             {
                 _META: meta_json.encode("utf-8"),
                 _FORMAT: FORMAT_VERSION.encode(),
                 _ROWS: str(rows).encode(),
                 _EPOCHS: _dumps(saved).encode(),
-                _CRC: _dumps([_row_crc([params[t], *(e[t] for e in extras.values())]) for t in range(rows)]).encode(),
+                _CRC: _dumps([_row_crc([params[t]]) for t in range(rows)]).encode(),
             }
         )
 
         def body(sink: pa.NativeFile) -> None:
             with ipc.new_file(sink, schema) as writer:
                 for t in range(rows):  # one batch per epoch: readers fetch rows independently
-                    writer.write_batch(_row_batch(schema, saved[t], params[t], [e[t] for e in extras.values()]))
+                    writer.write_batch(_row_batch(schema, saved[t], params[t]))
 
         self._atomic_write(final, body)
         return self._shown(final)
@@ -494,7 +469,6 @@ class TrajectoryReader:
         except (pa.ArrowException, OSError, KeyError, ValueError) as err:
             source.close()
             self._corrupt(str(err))
-        self.columns: list[str] = [n for n in schema.names if n not in _RESERVED_COLUMNS]
         self._row_of = {e: i for i, e in enumerate(self.epochs)}
         self._verified: set[int] = set()  # rows whose checksum matched: each is checked once per reader
         self._closed = False
@@ -560,12 +534,6 @@ class TrajectoryReader:
             shown = self.epochs if len(self.epochs) <= 12 else f"{self.epochs[:6]}...{self.epochs[-3:]}"
             raise PddError(f"epoch {epoch!r} was not saved in {self.path}; saved epochs: {shown}")
         return self.params(row)
-
-    def column(self, name: str, row: int) -> np.ndarray:
-        """(K,) values of extra column ``name`` at ``row``."""
-        if name not in self.columns:
-            raise PddError(f"column {name!r} is not in {self.path}; available extra columns: {self.columns}")
-        return self._values(self._batch(row).column(name))
 
     def close(self) -> None:
         """Release the file handle; arrays already returned stay valid."""

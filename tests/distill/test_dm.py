@@ -209,10 +209,13 @@ def test_stage_moved_its_images_down_the_dm_objective(dm_run):
               for p in Path(report.distilled.directory, "train", "stage_1").glob(f"checkpoint_*/{STATE_FILE}")]
     final = max(states, key=lambda s: int(s["iteration"]))
     assert int(final["iteration"]) == cfg.distill.iterations
-    task = SimpleNamespace(params={"batch_real": cfg.dm.batch_real}, spec=prepared.spec, store_root="", expert_key=None,
-                           expert_indices=[], augment=cfg.augment.strategy, frozen_images=init_x[:0],
-                           frozen_labels=init_y[:0], new_labels=init_y, real_ref=(b.train_x, b.train_y))
-    method = DmMethod(task, torch.device("cpu"))
+    ctx = MethodContext(
+        stage=1, seed=cfg.seed, spec=prepared.spec, augment=cfg.augment.strategy,
+        settings={"batch_real": cfg.dm.batch_real},
+        sets=StageSets(frozen_images=init_x[:0], frozen_labels=init_y[:0], init_images=init_x, new_labels=init_y),
+        conditioning=Conditioning("", None, []), real_ref=(b.train_x, b.train_y),
+    )
+    method = DmMethod(ctx, torch.device("cpu"))
 
     def mean_loss(x: torch.Tensor) -> float:
         x = x.clone().requires_grad_(True)

@@ -76,25 +76,16 @@ def test_round_trip_is_bit_identical_including_special_floats(tmp_path: Path) ->
         np.testing.assert_array_equal(reader.params(-1).view(np.uint32), params[4].view(np.uint32))
 
 
-def test_epochs_mapping_and_extra_columns(tmp_path: Path) -> None:
+def test_epochs_mapping(tmp_path: Path) -> None:
     params = _params(rows=4, count=10)
-    correct = np.random.default_rng(1).random((4, 37)) > 0.5
-    losses = np.arange(8, dtype=np.float64).reshape(4, 2)
     store = TrajectoryStore(str(tmp_path))
-    store.write(KEY, 0, params, META, epochs=[0, 5, 10, 20], columns={"correct": correct, "loss": losses})
+    store.write(KEY, 0, params, META, epochs=[0, 5, 10, 20])
     with store.open(KEY, 0) as reader:
-        assert reader.epochs == [0, 5, 10, 20] and reader.columns == ["correct", "loss"]
+        assert reader.epochs == [0, 5, 10, 20]
         np.testing.assert_array_equal(reader.params_at_epoch(10), params[2])
         np.testing.assert_array_equal(reader.params_at_epoch(20), params[3])
-        for t in range(4):
-            got = reader.column("correct", t)
-            assert got.dtype == np.bool_
-            np.testing.assert_array_equal(got, correct[t])
-            np.testing.assert_array_equal(reader.column("loss", t), losses[t])
         with pytest.raises(PddError, match=r"epoch 7 was not saved .*\[0, 5, 10, 20\]"):
             reader.params_at_epoch(7)
-        with pytest.raises(PddError, match="'nope' is not in"):
-            reader.column("nope", 0)
         with pytest.raises(PddError, match=r"row 4 is out of range .* 0\.\.3"):
             reader.params(4)
 
@@ -106,8 +97,6 @@ def test_epochs_mapping_and_extra_columns(tmp_path: Path) -> None:
         ({"params": np.zeros(4, np.float32)}, "2-D"),
         ({"epochs": [0, 2, 1]}, "strictly increasing"),
         ({"epochs": [0, 1]}, "has 2 entries but params has 3 rows"),
-        ({"columns": {"params": np.zeros((3, 1))}}, "column name 'params'"),
-        ({"columns": {"bits": np.zeros((2, 1))}}, "column 'bits'"),
         ({"meta": {"when": object()}}, r"meta\['when'\]"),
     ],
 )
@@ -146,13 +135,12 @@ def test_non_local_filesystem_uses_random_access_path(tmp_path: Path) -> None:
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     store = TrajectoryStore("experts", filesystem=fs)
     params = _params(rows=3, count=16)
-    store.write(KEY, 0, params, META, columns={"bits": np.ones((3, 2), np.uint8)})
+    store.write(KEY, 0, params, META)
     assert (tmp_path / "experts" / KEY / "expert_00000.arrow").is_file()
     assert store.indices(KEY) == [0]
     with store.open(KEY, 0, expect={"dataset_digest": "d1"}) as reader:
         assert not reader.memory_mapped
         np.testing.assert_array_equal(reader.params(2), params[2])
-        np.testing.assert_array_equal(reader.column("bits", 1), [1, 1])
     store.write_json("manifest.json", {"n": 1})
     assert store.read_json("manifest.json") == {"n": 1}
 
