@@ -277,7 +277,9 @@ def storage_warning(storage: str, address: str) -> str | None:
     Remote object stores (``s3://``, ``gs://``...) are fine; a path is fine on this machine's
     own cluster and must be a shared mount (NFS) on a multi-node one.
     """
-    if "://" in storage and not storage.startswith("file://"):
+    from pdd_ray.storage import is_remote  # pyarrow: imported only when a job is submitted
+
+    if is_remote(storage):
         return None
     if is_loopback(address):
         return None

@@ -58,20 +58,21 @@ class Folder:
     scheme: str = ""  # "" for local folders, else "s3", "gs", ...
 
     @classmethod
-    def at(cls, where: str | os.PathLike | Folder) -> Folder:
-        """The folder named by a path or URI; a one-line :class:`PddError` for anything else."""
+    def at(cls, where: str | os.PathLike | Folder, what: str = "storage location") -> Folder:
+        """The folder named by a path or URI; a one-line :class:`PddError` (naming ``what``) for
+        anything else."""
         if isinstance(where, Folder):
             return where
         text = str(where)
         if not text.strip():
-            raise PddError(f"storage location {where!r} is empty; accepted: {ACCEPTED}")
+            raise PddError(f"{what} {where!r} is empty; accepted: {ACCEPTED}")
         if not is_remote(text):
             local = text.removeprefix("file://")
             return cls(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local)))
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except (pa.ArrowException, OSError, ValueError) as err:
-            raise PddError(f"storage location {text!r} is not a usable URI ({err}); accepted: {ACCEPTED}") from None
+            raise PddError(f"{what} {text!r} is not a usable URI ({err}); accepted: {ACCEPTED}") from None
         return cls(fs, path.rstrip("/"), text.split("://", 1)[0])
 
     # -- naming

@@ -47,6 +47,7 @@ import pyarrow.ipc as ipc
 
 from pdd_ray.errors import PddError
 from pdd_ray.locks import file_lock
+from pdd_ray.storage import Folder
 
 __all__ = ["FORMAT_VERSION", "TrajectoryReader", "TrajectoryStore", "store_key"]
 
@@ -209,24 +210,10 @@ class TrajectoryStore:
             self._fs = filesystem
             self._base = root.rstrip("/") or "/"
             self.root = self._base
-        elif "://" in root:
-            try:
-                fs, path = pafs.FileSystem.from_uri(root)
-            except (pa.ArrowException, OSError, ValueError) as err:
-                raise PddError(
-                    f"expert store root {root!r} is not a usable URI ({err}); accepted: a local path, "
-                    "file:///abs/path, s3://bucket/prefix or gs://bucket/prefix"
-                ) from None
-            self._fs = fs
-            self._base = path.rstrip("/") or "/"
-            if isinstance(fs, pafs.LocalFileSystem):
-                self.root = self._base  # file:// and plain paths name the same store
-            else:
-                self.root = f"{root.split('://', 1)[0]}://{self._base}"
-        else:
-            self._fs = pafs.LocalFileSystem()
-            self._base = os.path.abspath(os.path.expanduser(root))
-            self.root = self._base
+        else:  # one resolution of paths and URIs for every storage root (pdd_ray.storage)
+            folder = Folder.at(root, what="expert store root")
+            self._fs, self._base = folder.fs, folder.path or "/"
+            self.root = str(folder)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
