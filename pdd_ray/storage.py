@@ -22,7 +22,6 @@ process that touches the storage (the driver, Ray Train workers, expert actors) 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from dataclasses import dataclass
@@ -139,14 +138,6 @@ class Folder:
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
-
-    def sha256(self) -> str:
-        """Hex SHA-256 of the file's bytes, streamed in 1 MiB blocks."""
-        h = hashlib.sha256()
-        with self.fs.open_input_stream(self.path) as src:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
 
     # -- writing
 

@@ -208,14 +208,16 @@ def load_distilled(path: str | Path | Folder) -> Distilled:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PddError(f"artifact {root} has format {found!r}; this pdd_ray reads format {FORMAT}")
-    if "sha256" in manifest:  # artifacts written before digests existed are read unverified
-        verify_files(root, manifest["sha256"], f"artifact {root}",
-                     "re-run the run that made it (`pdd-ray run` rewrites the artifact from its stage records)")
+    verified = {}  # artifacts written before digests existed are read unverified
+    if "sha256" in manifest:
+        verified = verify_files(root, manifest["sha256"], f"artifact {root}",
+                                "re-run the run that made it (`pdd-ray run` rewrites the artifact from its stage records)")
     stages = []
     for entry in manifest["stages"]:
         file = root / entry["file"]
         try:
-            with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as z:
+            data = verified[entry["file"]] if entry["file"] in verified else file.read_bytes()
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 images, labels = torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy())
                 soft = torch.from_numpy(z["soft_labels"].copy()) if entry.get("soft_labels") else None
         except (OSError, KeyError, ValueError) as exc:
@@ -223,8 +225,9 @@ def load_distilled(path: str | Path | Folder) -> Distilled:
         stages.append(StageSet(images, labels, lr=float(entry["alpha"]), epochs=entry.get("epochs"), soft_labels=soft))
     zca_file = manifest["normalization"].get("zca")
     zca = None
-    if zca_file:  # local files are read in place; remote ones are fetched first
-        zca = ZCA.load(str(root / zca_file), None if root.local else (root / zca_file).read_bytes())
+    if zca_file:  # the verified bytes; else local files are read in place, remote ones fetched
+        data = verified.get(zca_file) or (None if root.local else (root / zca_file).read_bytes())
+        zca = ZCA.load(str(root / zca_file), data)
     ev = dict(manifest["evaluation"])
     carry = bool(ev.pop("carry_optimizer_state", True))
     for k in ("note", "labels", "labels_note"):

@@ -78,9 +78,9 @@ def load_stage(directory: str | Path | Folder, k: int) -> StageOutcome | None:
         m = json.loads((d / "manifest.json").read_text())
         if not isinstance(m, dict):
             raise ValueError(f"holds a {type(m).__name__}, not an object")
-        if "sha256" in m:
-            verify_files(d, m["sha256"], f"stage record {d}", fix)
-        with np.load(io.BytesIO((d / "stage.npz").read_bytes()), allow_pickle=False) as z:
+        verified = verify_files(d, m["sha256"], f"stage record {d}", fix) if "sha256" in m else {}
+        data = verified["stage.npz"] if "stage.npz" in verified else (d / "stage.npz").read_bytes()
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return StageOutcome(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
                                 float(m["alpha"]), float(m["best_val_acc"]), int(m["best_iteration"]),
                                 z["losses"].tolist(), [(int(i), float(a)) for i, a in z["val_history"]],
