@@ -150,8 +150,10 @@ def progressive_run(
     as in the paper's final evaluation. ``init_params`` (a flat vector) starts from given
     weights instead of a fresh initialisation.
     """
+    from pdd_ray.allocator import keep_freed_memory
     from pdd_ray.models import FlatModel
 
+    keep_freed_memory()
     device = pick_device(use_gpu)
     model = build_seeded(spec, derive_seed(seed, "init")).to(device)
     if init_params is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import ray
 
+from pdd_ray.allocator import keep_freed_memory
 from pdd_ray.errors import PddError
 from pdd_ray.storage import Folder, is_remote
 
@@ -21,6 +22,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     reach the driver as exceptions, and progress comes through pdd_ray's own bars. The
     dashboard stays on because Ray Train's placement-group cleaner queries the State API.
     """
+    keep_freed_memory()  # the driver trains too (baselines, local evaluation)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

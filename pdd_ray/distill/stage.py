@@ -23,6 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from pdd_ray.allocator import keep_freed_memory
 from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, MethodContext, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
@@ -411,6 +412,7 @@ class StageRun:
 def _setup_worker(task: StageTask, rank: int) -> torch.device:
     """Threads, determinism and the torch seed of this worker; returns its device."""
     device = pick_device(task.runtime.use_gpu)
+    keep_freed_memory()
     torch.set_num_threads(task.runtime.threads)  # Ray pins workers to 1 thread; use the CPUs reserved
     if task.runtime.deterministic:
         use_deterministic(True)

@@ -16,6 +16,7 @@ import torch
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
+from pdd_ray.allocator import keep_freed_memory
 from pdd_ray.config import PddConfig
 from pdd_ray.errors import PddError
 from pdd_ray.experts.store import TrajectoryStore, store_key
@@ -137,6 +138,7 @@ class ExpertWorker:
         # CPU kernels reduce in a thread-count-dependent order; pinning the count to the CPUs
         # requested makes a trajectory bit-identical wherever (and however parallel) it is made.
         torch.set_num_threads(threads)
+        keep_freed_memory()
         self.data = data
         self.spec = spec
         self.store = TrajectoryStore(store_root)

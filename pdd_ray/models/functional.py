@@ -29,7 +29,8 @@ class FlatModel:
         named = list(model.named_parameters())
         self.names: list[str] = [n for n, _ in named]
         self.shapes: list[torch.Size] = [p.shape for _, p in named]
-        self.numel: int = sum(p.numel() for _, p in named)
+        self.sizes: list[int] = [p.numel() for _, p in named]
+        self.numel: int = sum(self.sizes)
 
     def _check(self, flat: torch.Tensor) -> None:
         if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.numel() != self.numel:
@@ -49,13 +50,12 @@ class FlatModel:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Name -> view of ``flat`` in each parameter's shape; views keep the autograd graph."""
         self._check(flat)
-        out: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            n = shape.numel()
-            out[name] = flat[offset : offset + n].reshape(shape)
-            offset += n
-        return out
+        # One split, not a slice per parameter: a slice's backward writes its gradient into a
+        # zero-filled copy of the whole vector, so k parameters cost k full-size fills and adds
+        # per backward (and again in the double backward of every unrolled step); split's
+        # backward is a single concatenation. Same values, far less memory traffic.
+        pieces = flat.split(self.sizes)
+        return {name: piece.view(shape) for name, shape, piece in zip(self.names, self.shapes, pieces)}
 
     def forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The module's output on ``x`` with parameters taken from ``flat`` (differentiable)."""
