@@ -130,6 +130,9 @@ class DistillConfig(_Section):
     checkpoint_every: int = Field(50, ge=1)
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
+    # K samples (expert, start epoch) per worker and iteration, averaged like K more workers:
+    # W workers x K is the same estimate as W*K workers of 1 (distill/match.py: match_many)
+    trajectories_per_worker: int = Field(1, ge=1, le=64)
     use_gpu: bool = False
     # a Train worker's share of one GPU (with use_gpu): 0.5 puts two workers on each device,
     # which keeps a GPU busy when one small stage's unroll cannot
@@ -289,6 +292,9 @@ class PddConfig(_Section):
                              "multi-formation needs equal patches")
         if d.method == "datm":
             _check_datm(self)
+        if d.trajectories_per_worker > 1 and d.method not in ("mtt", "datm"):
+            raise ValueError(f"distill.trajectories_per_worker = {d.trajectories_per_worker} needs a trajectory-"
+                             f"matching method (mtt or datm), not {d.method!r}; use more distill.num_workers")
         return self
 
     @property

@@ -114,3 +114,11 @@ def test_top_level_method_is_a_shortcut_for_distill_method():
         load_config("digits", ["method=nope"])
     with pytest.raises(PddError, match="disagree"):
         load_config("digits", ["method=mtt", "distill.method=dm"])
+
+
+def test_trajectories_per_worker_needs_a_trajectory_matching_method() -> None:
+    assert load_config("digits", ["distill.trajectories_per_worker=4"]).distill.trajectories_per_worker == 4
+    with pytest.raises(PddError, match="trajectories_per_worker = 2 needs a trajectory-matching method"):
+        load_config("digits", ["distill.method=dm", "distill.trajectories_per_worker=2"])
+    with pytest.raises(PddError, match="trajectories_per_worker"):
+        load_config("digits", ["distill.trajectories_per_worker=0"])

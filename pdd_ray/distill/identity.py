@@ -65,7 +65,9 @@ def stage_settings(cfg: PddConfig, k: int) -> dict:
         "selection": asdict(selection_recipe(cfg)),
         "augment": cfg.augment.strategy,
         "workers": {"num_workers": d.num_workers, "threads": d.cpus_per_worker, "use_gpu": d.use_gpu,
-                    "deterministic": d.deterministic},
+                    "deterministic": d.deterministic,
+                    # only when set: runs from before the setting existed keep their keys
+                    **({"trajectories_per_worker": d.trajectories_per_worker} if d.trajectories_per_worker != 1 else {})},
     }
 
 

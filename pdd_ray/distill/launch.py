@@ -108,7 +108,8 @@ def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, c
         validation=Validation(every=d.eval_every, runs=d.eval_runs, recipe=selection_recipe(cfg),
                               val_ref=ray.put((b.val_x, b.val_y))),
         runtime=Runtime(
-            use_gpu=d.use_gpu, threads=d.cpus_per_worker, deterministic=d.deterministic, progress=board, record=record,
+            use_gpu=d.use_gpu, threads=d.cpus_per_worker, trajectories=d.trajectories_per_worker,
+            deterministic=d.deterministic, progress=board, record=record,
             fail_at=int(fail_at) if fail_at and k == 1 else None,
             fail_marker=str(directory / "injected_failure.marker"), problem_path=str(_problem_path(directory, k)),
         ),

@@ -13,6 +13,10 @@ Three ways to get those gradients (``UnrollSpec.mode``):
 * ``"checkpoint"``: the *same* gradient, computed by an explicit reverse pass that replays one
   step at a time from stored weights; memory is one step's graph plus N flat weight vectors.
 * ``"tesla"``: TESLA's constant-memory *approximation* (Cui et al. 2023), see ``_reverse``.
+
+``match_many`` averages several problems that share the images (K trajectories on one
+worker): with the full unroll, one ``torch.func.vmap`` over the K flat weight vectors and
+minibatches, so K small unrolls become one K-times-larger batch of kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.func import grad as func_grad
+from torch.func import vmap
 
 from pdd_ray.augment import DiffAugment
 from pdd_ray.errors import PddError
@@ -235,6 +241,16 @@ def _match_stored(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: tor
     return MatchResult(loss=float(loss), grad_images=grad_images, grad_alpha=grad_a.reshape(alpha.shape))
 
 
+def _check_spec(spec: UnrollSpec) -> None:
+    """One line naming a bad unroll mode, step count or batch size, before any work."""
+    unroll = spec.mode
+    if not isinstance(unroll, str) or unroll not in UNROLLS:
+        raise PddError(f"unroll={unroll!r} is not a known unroll mode; expected one of {UNROLLS}")
+    for name, value in (("syn_steps", spec.syn_steps), ("batch_syn", spec.batch_syn)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PddError(f"{name}={value!r} is invalid; expected an integer >= 1")
+
+
 def match(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Generator) -> MatchResult:
     """Loss and gradients of one outer iteration; ``p.new_images`` and ``alpha`` must require grad.
 
@@ -245,14 +261,73 @@ def match(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Gener
     same stored forward and skips only the vector-Hessian products, so it saves memory like
     "checkpoint" but little time, and its image and α gradients are approximate.
     """
-    unroll = spec.mode
-    if not isinstance(unroll, str) or unroll not in UNROLLS:
-        raise PddError(f"unroll={unroll!r} is not a known unroll mode; expected one of {UNROLLS}")
-    for name, value in (("syn_steps", spec.syn_steps), ("batch_syn", spec.batch_syn)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PddError(f"{name}={value!r} is invalid; expected an integer >= 1")
-    if unroll != "full":
-        return _match_stored(p, alpha, spec, g, exact=unroll == "checkpoint")
+    _check_spec(spec)
+    if spec.mode != "full":
+        return _match_stored(p, alpha, spec, g, exact=spec.mode == "checkpoint")
     loss = unroll_loss(p, alpha, spec, g)
     grad_images, grad_alpha = torch.autograd.grad(loss, [p.new_images, alpha])
+    return MatchResult(loss=float(loss.detach()), grad_images=grad_images, grad_alpha=grad_alpha)
+
+
+def _mean_result(results: list[MatchResult]) -> MatchResult:
+    k = len(results)
+    return MatchResult(loss=sum(r.loss for r in results) / k,
+                       grad_images=torch.stack([r.grad_images for r in results]).mean(0),
+                       grad_alpha=torch.stack([r.grad_alpha for r in results]).mean(0))
+
+
+def _vmappable(flat_model: FlatModel) -> bool:
+    """vmap cannot run modules that update buffers in place (BatchNorm's running statistics)."""
+    return next(flat_model.model.buffers(), None) is None
+
+
+def _unroll_losses_batched(problems: list[MatchProblem], alpha: torch.Tensor, spec: UnrollSpec,
+                           gens: list[torch.Generator]) -> torch.Tensor:
+    """Each problem's ``unroll_loss``, all K unrolled together: the K weight vectors and
+    minibatches go through one vmapped first-order gradient per step.
+
+    Every generator is consumed exactly as ``unroll_loss`` consumes it (its whole schedule, then
+    its DSA draws step by step), so trajectory k sees the minibatches and augmentations it would
+    see alone. The schedule's chunk sizes depend only on (n, batch, steps), so step s has the same
+    minibatch size in every trajectory and the K batches stack.
+    """
+    p0 = problems[0]
+    images = _union(p0.frozen_images, p0.new_images)
+    labels = _union(p0.frozen_labels, p0.new_labels)
+    schedules = [_device_schedule(images.shape[0], spec.batch_syn, spec.syn_steps, g, images.device) for g in gens]
+
+    def ce(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(p0.flat_model(w, x), y)
+
+    batched_grad = vmap(func_grad(ce))
+    starts = torch.stack([p.start.detach() for p in problems])
+    w = starts.clone().requires_grad_(True)
+    for s in range(spec.syn_steps):
+        xs = []
+        for sched, g in zip(schedules, gens):
+            x = images[sched[s]]
+            xs.append(spec.dsa(x, generator=g) if spec.dsa.enabled else x)
+        ys = torch.stack([labels[sched[s]] for sched in schedules])
+        w = w - alpha * batched_grad(w, torch.stack(xs), ys)
+    targets = torch.stack([p.target.detach() for p in problems])
+    return ((w - targets) ** 2).sum(1) / ((starts - targets) ** 2).sum(1)
+
+
+def match_many(problems: list[MatchProblem], alpha: torch.Tensor, spec: UnrollSpec,
+               gens: list[torch.Generator]) -> MatchResult:
+    """The mean of ``match`` over problems that share the model and the images (they differ in
+    their expert segment), one generator each: what as many workers would all-reduce.
+
+    With the full unroll and more than one problem, the unrolls are batched with vmap (same
+    gradients to float rounding, tested against the one-by-one mean). The memory-bounded modes,
+    and models with buffers, run the problems one after another.
+    """
+    if len(problems) != len(gens) or not problems:
+        raise PddError(f"match_many got {len(problems)} problems and {len(gens)} generators; expected as many of each, at least one")
+    if len(problems) == 1 or spec.mode != "full" or not _vmappable(problems[0].flat_model):
+        return _mean_result([match(p, alpha, spec, g) for p, g in zip(problems, gens)])
+    _check_spec(spec)
+    losses = _unroll_losses_batched(problems, alpha, spec, gens)
+    loss = losses.mean()
+    grad_images, grad_alpha = torch.autograd.grad(loss, [problems[0].new_images, alpha])
     return MatchResult(loss=float(loss.detach()), grad_images=grad_images, grad_alpha=grad_alpha)

@@ -73,6 +73,7 @@ class Runtime:
 
     use_gpu: bool
     threads: int = 1
+    trajectories: int = 1  # samples per worker and iteration (distill.trajectories_per_worker)
     deterministic: bool = False  # torch.use_deterministic_algorithms (distill.deterministic)
     progress: ActorHandle | None = None  # ProgressBoard (rank 0 pushes iteration, loss, α, val acc)
     record: bool = False  # rank 0 records its metrics and images on ``progress`` for the driver's tracker
@@ -381,8 +382,14 @@ class StageRun:
         image gradient); with a problem before the step, nothing was changed.
         """
         task, device, soft = self.task, self.device, self.soft
-        g = iteration_generator(task.seed, task.stage, it, self.rank)
-        res = self.method.update(it, self.rank, self.images, self.alpha, g)
+        k = task.runtime.trajectories
+        if k == 1:
+            res = self.method.update(it, self.rank, self.images, self.alpha,
+                                     iteration_generator(task.seed, task.stage, it, self.rank))
+        else:  # sample j of rank r draws what rank r*K + j of a K-times-larger job would
+            ranks = [self.rank * k + j for j in range(k)]
+            gens = [iteration_generator(task.seed, task.stage, it, r) for r in ranks]
+            res = self.method.update_many(it, ranks, self.images, self.alpha, gens)
         grad_a = res.grad_alpha.reshape(1) if res.grad_alpha is not None else torch.zeros(1, device=device)
         averaged = _all_average([res.grad_images, grad_a, torch.tensor([res.loss], device=device)]
                                 + ([res.grad_labels] if soft else []))  # labels' gradients averaged like the images'

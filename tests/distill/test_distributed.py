@@ -12,7 +12,7 @@ from pdd_ray.config import load_config
 from pdd_ray.distill import identity, launch
 from pdd_ray.distill.methods import method_class
 from pdd_ray.distill.stage import STATE_FILE, iteration_generator
-from pdd_ray.experts.produce import stage1_experts
+from pdd_ray.experts.produce import expert_store_root, stage1_experts
 from pdd_ray.prepare import prepare
 
 
@@ -87,3 +87,22 @@ def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers
     mean_a = (r0.grad_alpha + r1.grad_alpha) / 2
     torch.testing.assert_close(final["alpha"], torch.clamp(opt.lr_init - opt.lr_lr * mean_a, min=1e-3 * opt.lr_init),
                                rtol=1e-4, atol=1e-9)
+
+
+def test_one_worker_with_two_trajectories_steps_like_two_workers(two_workers, ray_session, tmp_path, tiny_overrides):
+    """``distill.trajectories_per_worker=2`` on one worker draws ranks 0 and 1's samples and
+    averages them in-process (vmapped unrolls): the same step as the two Ray Train workers."""
+    cfg2, _, final2 = two_workers
+    cfg = load_config("digits", tiny_overrides(str(tmp_path)) + [
+        "distill.num_workers=1", "distill.trajectories_per_worker=2", "distill.cpus_per_worker=1",
+        "distill.iterations=1", "distill.num_stages=1", "distill.eval_every=1", "distill.lr_lr=1.0",
+        "experts.num_experts=3", "distill.max_start_epoch=3", f"experts.storage={expert_store_root(cfg2)}"])
+    prepared = prepare(cfg)
+    key, _ = stage1_experts(cfg, prepared, progress=False)
+    directory = identity.run_dir(cfg)
+    launch.run_stage(cfg, prepared, directory, 1, key, [], progress=False)
+    states = [torch.load(p, map_location="cpu", weights_only=True)
+              for p in Path(directory, "train", "stage_1").glob(f"checkpoint_*/{STATE_FILE}")]
+    final = next(s for s in states if int(s["iteration"]) == 1)
+    torch.testing.assert_close(final["images"], final2["images"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(final["alpha"], final2["alpha"], rtol=1e-4, atol=1e-9)

@@ -48,6 +48,7 @@ CONSUMED = {
     "distill.eval_epochs": "distill.eval_epochs=30",
     "distill.num_workers": "distill.num_workers=2",
     "distill.cpus_per_worker": "distill.cpus_per_worker=1",
+    "distill.trajectories_per_worker": "distill.trajectories_per_worker=2",
     "distill.transition_syn_epochs": "distill.transition_syn_epochs=3",
     "distill.transition_experts": "distill.transition_experts=2",
     "distill.discard_fraction": "distill.discard_fraction=0.1",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import UNROLLS, MatchProblem, UnrollSpec, match, unroll_loss
+from pdd_ray.distill.match import UNROLLS, MatchProblem, UnrollSpec, match, match_many, unroll_loss
 from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import ModelSpec, build_seeded
@@ -144,3 +144,45 @@ def test_unknown_unroll_mode_is_rejected(bad):
     with pytest.raises(PddError, match=r"unroll=.*expected one of"):
         _run(bad, 2, DiffAugment("none"))
     assert set(UNROLLS) == {"full", "checkpoint", "tesla"}
+
+
+def _problems(k: int, new: torch.Tensor) -> tuple[FlatModel, list[MatchProblem]]:
+    fm = FlatModel(build_seeded(SPEC, 0))
+    torch.manual_seed(1)
+    frozen_x, frozen_y = torch.randn(N_FROZEN, 1, 8, 8), torch.arange(N_FROZEN) % 3
+    new_y = torch.arange(N_NEW) % 3
+    out = []
+    for _ in range(k):
+        start = fm.flatten() + 0.05 * torch.randn(fm.numel)
+        out.append(MatchProblem(fm, start, start + 0.02 * torch.randn(fm.numel), frozen_x, frozen_y, new, new_y))
+    return fm, out
+
+
+@pytest.mark.parametrize("strategy", ["none", "color_crop_cutout_flip_scale_rotate"])
+def test_match_many_vmapped_equals_the_mean_of_one_by_one_matches(strategy):
+    """K trajectories unrolled together (vmap) give the mean loss and gradients of K separate
+    ``match`` calls with the same generators, and leave each generator where ``match`` would."""
+    new = torch.randn(N_NEW, 1, 8, 8, requires_grad=True)
+    _, problems = _problems(3, new)
+    alpha = torch.tensor(0.05, requires_grad=True)
+    spec = UnrollSpec(5, BATCH, DiffAugment(strategy), "full")
+    gens_many = [generator(10 + j) for j in range(3)]
+    gens_one = [generator(10 + j) for j in range(3)]
+    many = match_many(problems, alpha, spec, gens_many)
+    ones = [match(p, alpha, spec, g) for p, g in zip(problems, gens_one)]
+    assert many.loss == pytest.approx(sum(r.loss for r in ones) / 3, rel=1e-5)
+    torch.testing.assert_close(many.grad_images, sum(r.grad_images for r in ones) / 3, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(many.grad_alpha, sum(r.grad_alpha for r in ones) / 3, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(ones[0].grad_images, ones[1].grad_images)  # the samples differ
+    for a, b in zip(gens_many, gens_one):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_match_many_checks_its_arguments():
+    new = torch.randn(N_NEW, 1, 8, 8, requires_grad=True)
+    _, problems = _problems(2, new)
+    alpha = torch.tensor(0.05, requires_grad=True)
+    with pytest.raises(PddError, match="2 problems and 1 generators"):
+        match_many(problems, alpha, UnrollSpec(2, BATCH, DiffAugment("none"), "full"), [generator(0)])
+    with pytest.raises(PddError, match="syn_steps=0"):
+        match_many(problems, alpha, UnrollSpec(0, BATCH, DiffAugment("none"), "full"), [generator(0), generator(1)])

@@ -95,6 +95,19 @@ class Update:
     grad_labels: torch.Tensor | None = None
 
 
+def mean_update(updates: list[Update]) -> Update:
+    """Element-wise mean of several updates (each field None in all or in none of them)."""
+    def mean(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if values[0] is None else torch.stack(values).mean(0)
+
+    return Update(
+        loss=sum(u.loss for u in updates) / len(updates),
+        grad_images=mean([u.grad_images for u in updates]),
+        grad_alpha=mean([u.grad_alpha for u in updates]),
+        grad_labels=mean([u.grad_labels for u in updates]),
+    )
+
+
 class ConditioningNets:
     """Networks the stage starts from, read lazily from the trajectory store.
 
@@ -242,3 +255,17 @@ class BaseMethod(ABC):
         ``new_images`` requires grad; ``g`` is this (stage, iteration, rank)'s generator, the
         only source of randomness allowed, so a resumed run repeats the same draws.
         """
+
+    def update_many(
+        self,
+        iteration: int,
+        ranks: list[int],
+        new_images: torch.Tensor,
+        alpha: torch.Tensor,
+        gens: list[torch.Generator],
+    ) -> Update:
+        """The mean of ``update`` over several samples, one per (rank, generator) pair: what as
+        many workers with those ranks would all-reduce (``distill.trajectories_per_worker``).
+        This default runs them one after another; a method with a batched form (MTT's full
+        unroll) overrides it."""
+        return mean_update([self.update(iteration, r, new_images, alpha, g) for r, g in zip(ranks, gens)])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import MatchProblem, UnrollSpec, match
+from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, match_many
 from pdd_ray.distill.methods.base import BaseMethod, MethodContext, SettingsContext, Update
 from pdd_ray.models import FlatModel
 
@@ -40,13 +40,27 @@ class MttMethod(BaseMethod):
         return {"syn_steps": d.syn_steps, "expert_epochs": d.expert_epochs, "max_start_epoch": d.max_start_epoch,
                 "batch_syn": batch, "unroll": d.unroll}
 
-    def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
-               g: torch.Generator) -> Update:
+    def _problem(self, new_images: torch.Tensor, g: torch.Generator) -> MatchProblem:
+        """Draw an expert and a start epoch from ``g``: the segment this sample matches."""
         p = self.settings
         pick = self.nets.indices[int(torch.randint(len(self.nets), (1,), generator=g))]
         t = int(torch.randint(p["max_start_epoch"], (1,), generator=g))
         start = self.nets.weights(pick, t, self.device)
         target = self.nets.weights(pick, t + p["expert_epochs"], self.device)
-        problem = MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y)
-        res = match(problem, alpha, UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa, p["unroll"]), g)
+        return MatchProblem(self.flat_model, start, target, self.frozen_x, self.frozen_y, new_images, self.new_y)
+
+    def _spec(self) -> UnrollSpec:
+        p = self.settings
+        return UnrollSpec(p["syn_steps"], p["batch_syn"], self.dsa, p["unroll"])
+
+    def update(self, iteration: int, rank: int, new_images: torch.Tensor, alpha: torch.Tensor,
+               g: torch.Generator) -> Update:
+        res = match(self._problem(new_images, g), alpha, self._spec(), g)
+        return Update(res.loss, res.grad_images, res.grad_alpha)
+
+    def update_many(self, iteration: int, ranks: list[int], new_images: torch.Tensor, alpha: torch.Tensor,
+                    gens: list[torch.Generator]) -> Update:
+        """K samples unrolled together (``match_many``: vmapped with the full unroll)."""
+        problems = [self._problem(new_images, g) for g in gens]
+        res = match_many(problems, alpha, self._spec(), gens)
         return Update(res.loss, res.grad_images, res.grad_alpha)
