@@ -30,9 +30,15 @@ class TrainRecipe:
 
 
 def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.SGD:
-    """SGD over all parameters with the recipe's lr, momentum and weight decay."""
+    """SGD over all parameters with the recipe's lr, momentum and weight decay.
+
+    ``foreach``: one multi-tensor kernel per update term instead of a Python loop over the
+    parameters (torch only picks it by itself on GPUs). The same arithmetic per element, so the
+    weights are bit-identical (tests/test_training.py); it saves per-step overhead in the many
+    small trainings of a run (evaluation, baselines, validation, experts).
+    """
     return torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, foreach=True
     )
 
 

@@ -199,6 +199,7 @@ def run_stage(
         losses=state.losses,
         val_history=state.val_history,
         soft_labels=best.soft_labels.float() if best.soft_labels is not None else None,
+        validation_seconds=state.validation_seconds,
     )
 
 

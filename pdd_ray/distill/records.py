@@ -35,6 +35,7 @@ class StageOutcome:
     losses: list[float]
     val_history: list[tuple[int, float]]
     soft_labels: torch.Tensor | None = None  # learned logits (DATM), None for hard labels
+    validation_seconds: float = 0.0  # in-loop validation's share of the stage's time (0 when read from a record)
 
 
 def _write_json(path: Folder, obj: dict) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -263,6 +264,7 @@ class StageState:
     done: bool = False
     soft_labels: torch.Tensor | None = None  # learned logits (DATM) and their optimiser
     opt_labels: dict | None = None
+    validation_seconds: float = 0.0  # rank 0's wall time in in-loop validation so far (benchmarks/run_time.py)
 
     def to_checkpoint(self) -> dict:
         """The checkpoint dict (tensors and plain values only, so it loads without pickle)."""
@@ -282,6 +284,7 @@ class StageState:
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "val_history": torch.tensor(self.val_history, dtype=torch.float64).reshape(-1, 2),
             "done": self.done,
+            "validation_seconds": self.validation_seconds,
         }
 
     @classmethod
@@ -293,7 +296,8 @@ class StageState:
         return cls(iteration=int(s["iteration"]), images=s["images"], alpha=s["alpha"], opt_img=s["opt_img"],
                    opt_lr=s["opt_lr"], best=best, losses=s["losses"].tolist(),
                    val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
-                   done=bool(s.get("done", False)), soft_labels=s.get("soft_labels"), opt_labels=s.get("opt_labels"))
+                   done=bool(s.get("done", False)), soft_labels=s.get("soft_labels"), opt_labels=s.get("opt_labels"),
+                   validation_seconds=float(s.get("validation_seconds", 0.0)))
 
     @classmethod
     def load(cls, checkpoint: ray.train.Checkpoint) -> StageState:
@@ -330,6 +334,7 @@ class StageRun:
                          self.labels.detach().cpu().clone() if self.soft else None)
         self.losses: list[float] = []
         self.val_history: list[tuple[int, float]] = []
+        self.validation_seconds = 0.0
 
     def alpha_now(self) -> float:
         """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
@@ -351,6 +356,7 @@ class StageRun:
             self.opt_labels.load_state_dict(state.opt_labels)
         self.losses = state.losses
         self.val_history = state.val_history
+        self.validation_seconds = state.validation_seconds
 
     def state(self, iteration: int, done: bool = False) -> StageState:
         """A snapshot of the live state (CPU copies)."""
@@ -360,6 +366,7 @@ class StageRun:
             losses=self.losses, val_history=self.val_history, done=done,
             soft_labels=self.labels.detach().cpu().clone() if self.soft else None,
             opt_labels=self.opt_labels.state_dict() if self.soft else None,
+            validation_seconds=self.validation_seconds,
         )
 
     def validate(self, it: int) -> float:
@@ -368,7 +375,9 @@ class StageRun:
         union_x = torch.cat([sets.frozen_images, self.images.detach().cpu()])
         union_y = torch.cat([sets.frozen_labels, sets.new_labels])
         union_s = torch.cat([sets.frozen_soft_labels, self.labels.detach().cpu()]) if self.soft else None
+        t0 = time.perf_counter()
         val_acc = validate(task, union_x, union_y, self.alpha_now(), self.method, union_s)
+        self.validation_seconds += time.perf_counter() - t0
         self.val_history.append((it, val_acc))
         if val_acc > self.best.acc:
             self.best = Best(val_acc, it, self.images.detach().cpu().clone(), self.alpha_now(),

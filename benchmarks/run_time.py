@@ -1,0 +1,123 @@
+"""Wall time of a whole ``pdd-ray run``, split by phase, from a cold start.
+
+Why: the first-run promise ("a few minutes on a laptop CPU") is about the whole command a
+newcomer pastes, not one matching step. This runs ``pdd-ray run [CONFIG] --no-progress`` in a
+fresh storage folder (nothing cached: experts, stages and baselines are all computed), times
+the command end to end and reads the per-phase seconds the run writes to ``results.json``:
+
+* experts: stage 1's expert trajectories (Ray actors, in parallel);
+* stages: each stage's Ray Train fit *minus* its in-loop validation;
+* validation: the stages' in-loop validation (rank 0's wall time);
+* transitions: the experts conditioned on S_<=k for the next stage;
+* evaluation: the progressive evaluation of the distilled sets;
+* baselines: random subset and full data at the same budget;
+* startup and other: the command's wall time minus all of the above (interpreter, imports, Ray
+  start and stop, MLflow, writing the artifact).
+
+``--schedule serial`` emulates the official code's schedule on the same machine: one expert or
+transition network at a time using every core (``experts.cpus`` = all cores), validation in the
+stage's one process. ``--source PATH`` runs another checkout (e.g. a ``git worktree`` of an
+older commit) to measure "before".
+
+    python benchmarks/run_time.py [--config digits] [--schedule parallel|serial] [--source PATH]
+                                  [--label after] [--out benchmarks/results/run_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PHASES = ("experts", "stages", "validation", "transitions", "evaluation", "baselines", "startup and other")
+
+
+def phase_split(seconds: dict[str, float], wall: float) -> dict[str, float]:
+    """results.json's ``seconds`` folded into :data:`PHASES` (``stage_k`` includes ``validation_k``)."""
+    def total(prefix: str) -> float:
+        return sum(v for k, v in seconds.items() if k.startswith(prefix))
+
+    validation = total("validation_")
+    out = {
+        "experts": seconds.get("experts", 0.0),
+        "stages": total("stage_") - validation,
+        "validation": validation,
+        "transitions": total("transition_"),
+        "evaluation": seconds.get("evaluation", 0.0),
+        "baselines": seconds.get("baselines", 0.0),
+    }
+    out["startup and other"] = wall - sum(out.values())
+    return out
+
+
+def run_once(config: str, schedule: str, source: Path | None, extra: list[str]) -> dict:
+    """One cold ``pdd-ray run`` in a fresh storage folder; its wall time, phases and table."""
+    overrides = list(extra)
+    if schedule == "serial":
+        overrides.append(f"experts.cpus={os.cpu_count() or 1}")
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())
+    with tempfile.TemporaryDirectory(prefix="pdd-run-time-") as tmp:
+        cmd = [sys.executable, "-m", "pdd_ray", "run", config, f"storage={tmp}/storage", "--no-progress", *overrides]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"run_time: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        results = next(Path(tmp, "storage").rglob("results.json"))
+        report = json.loads(results.read_text())
+    seconds = report["seconds"]
+    return {"command": " ".join(cmd[2:]), "wall_seconds": wall, "seconds": seconds,
+            "phases": phase_split(seconds, wall), "table": proc.stdout.strip().splitlines()[-12:]}
+
+
+def markdown(runs: dict[str, dict]) -> str:
+    """Phases as rows, labelled runs as columns."""
+    labels = list(runs)
+    lines = ["| phase | " + " | ".join(labels) + " |", "|---" * (1 + len(labels)) + "|"]
+    for phase in PHASES:
+        lines.append(f"| {phase} | " + " | ".join(f"{runs[l]['phases'].get(phase, 0.0):.1f}" for l in labels) + " |")
+    lines.append("| **wall (whole command)** | " + " | ".join(f"**{runs[l]['wall_seconds']:.1f}**" for l in labels) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="digits", help="preset or YAML file (default: digits, the first run)")
+    ap.add_argument("--schedule", choices=("parallel", "serial"), default="parallel",
+                    help="serial: the official code's schedule (one expert/transition network at a time)")
+    ap.add_argument("--source", type=Path, default=None, help="run this checkout of pdd_ray instead (PYTHONPATH)")
+    ap.add_argument("--label", default=None, help="column name in the table (default: the schedule)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/run_time.json"),
+                    help="JSON file; runs with other labels already in it are kept")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides passed to pdd-ray run")
+    args = ap.parse_args(argv)
+    label = args.label or args.schedule
+    runs: dict[str, dict] = {}
+    if args.out.is_file():
+        runs = json.loads(args.out.read_text()).get("runs", {})
+    print(f"run_time: {label}: pdd-ray run {args.config} ({args.schedule}) ...", file=sys.stderr, flush=True)
+    load = os.getloadavg()
+    result = run_once(args.config, args.schedule, args.source, args.overrides)
+    runs[label] = {**result, "schedule": args.schedule, "source": str(args.source or "this checkout"),
+                   "load_average_start": load, "cpu_count": os.cpu_count(),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from pdd_ray.atomic import write_text_atomic
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, json.dumps({"benchmark": "pdd-ray run wall time by phase", "runs": runs}, indent=2))
+    table = markdown(runs)
+    write_text_atomic(args.out.with_suffix(".md"), table + "\n")
+    print(table)
+    print("\n".join(result["table"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
