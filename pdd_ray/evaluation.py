@@ -190,6 +190,89 @@ def progressive_run(
 _progressive_task = ray.remote(progressive_run)
 
 
+class PendingEval:
+    """Evaluation runs already submitted to Ray; :meth:`result` waits for them.
+
+    Submitting several evaluations before waiting on any lets Ray fill every free CPU with
+    whichever runs are queued: 5 runs on 2 cores leave one core idle for a whole run at the end
+    of each evaluation done alone; the PDD evaluation and both baselines submitted together
+    leave it idle once (``pipeline._run``).
+    """
+
+    def __init__(self, name: str, arch: str, runs: int, refs: list, splits: list[str], progress: bool,
+                 on_result=None) -> None:
+        self.name, self.arch, self.runs, self.progress = name, arch, runs, progress
+        self.pending, self.splits, self.on_result = refs, splits, on_result
+        self._result: EvalResult | None = None
+
+    @classmethod
+    def done(cls, result: EvalResult) -> PendingEval:
+        """An evaluation with nothing to wait for (a cached baseline)."""
+        out = cls(result.name, result.arch, 0, [], [], False)
+        out._result = result
+        return out
+
+    def cancel(self) -> None:
+        for ref in self.pending:
+            ray.cancel(ref)
+
+    def result(self) -> EvalResult:
+        """Per-stage accuracy of every run (waits; a failed run or Ctrl-C cancels the rest)."""
+        if self._result is not None:
+            return self._result
+        pending, runs = self.pending, self.runs
+        order = {ref: r for r, ref in enumerate(pending)}
+        results: dict[int, dict[str, list[float]]] = {}
+        desc = f"evaluate {self.name} [{self.arch}]"
+        bar = tqdm(total=runs, desc=desc, unit="run", disable=not self.progress, leave=False)
+        t0 = time.perf_counter()
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    res = ray.get(ref)
+                    results[order[ref]] = res
+                    bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
+                    bar.update(1)
+                    left = time_left(len(results), runs, time.perf_counter() - t0)
+                    progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
+        except BaseException:  # a failed run or Ctrl-C: the other runs' results would go unread
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+        finally:
+            bar.close()
+        scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in self.splits}
+        self._result = EvalResult(name=self.name, arch=self.arch, scores=scores)
+        if self.on_result is not None:
+            self.on_result(self._result)
+        return self._result
+
+
+def submit_progressive(
+    name: str,
+    spec: ModelSpec,
+    stages: list[StageSet],
+    plan: EvalPlan,
+    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    resources: RunResources = RunResources(),
+    progress: bool = True,
+) -> PendingEval:
+    """Submit ``plan.runs`` independent progressive runs as Ray tasks; returns without waiting."""
+    gpus_per_run = resources.gpus
+    eval_ref = ray.put(eval_sets)
+    stages_ref = ray.put(stages)
+    # "DEFAULT": run on the cluster's free resources even when called from inside a Tune trial
+    # (whose placement group would otherwise capture these tasks and could never fit them)
+    task = _progressive_task.options(num_cpus=resources.cpus, num_gpus=gpus_per_run, scheduling_strategy="DEFAULT")
+    refs = [
+        task.remote(spec, stages_ref, plan.recipe, eval_ref, derive_seed(plan.seed, "eval-run", r),
+                    plan.carry_optimizer_state, gpus_per_run > 0)
+        for r in range(plan.runs)
+    ]
+    return PendingEval(name, spec.arch, plan.runs, refs, list(eval_sets), progress)
+
+
 def evaluate_progressive(
     name: str,
     spec: ModelSpec,
@@ -200,48 +283,7 @@ def evaluate_progressive(
     progress: bool = True,
 ) -> EvalResult:
     """``plan.runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
-    runs, gpus_per_run = plan.runs, resources.gpus
-    eval_ref = ray.put(eval_sets)
-    stages_ref = ray.put(stages)
-    # "DEFAULT": run on the cluster's free resources even when called from inside a Tune trial
-    # (whose placement group would otherwise capture these tasks and could never fit them)
-    task = _progressive_task.options(num_cpus=resources.cpus, num_gpus=gpus_per_run, scheduling_strategy="DEFAULT")
-    pending = [
-        task.remote(
-            spec,
-            stages_ref,
-            plan.recipe,
-            eval_ref,
-            derive_seed(plan.seed, "eval-run", r),
-            plan.carry_optimizer_state,
-            gpus_per_run > 0,
-        )
-        for r in range(runs)
-    ]
-    order = {ref: r for r, ref in enumerate(pending)}
-    results: dict[int, dict[str, list[float]]] = {}
-    desc = f"evaluate {name} [{spec.arch}]"
-    bar = tqdm(total=runs, desc=desc, unit="run", disable=not progress, leave=False)
-    t0 = time.perf_counter()
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                res = ray.get(ref)
-                results[order[ref]] = res
-                bar.set_postfix(test=f"{res['test'][-1] * 100:.1f}%" if "test" in res else "")
-                bar.update(1)
-                left = time_left(len(results), runs, time.perf_counter() - t0)
-                progress_log.info("%s: run %d/%d done%s", desc, len(results), runs, f", {left}" if left else "")
-    except BaseException:  # a failed run or Ctrl-C: the other runs' results would go unread
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    finally:
-        bar.close()
-    splits = list(eval_sets)
-    scores = {s: np.array([results[r][s] for r in range(runs)], dtype=np.float64) for s in splits}
-    return EvalResult(name=name, arch=spec.arch, scores=scores)
+    return submit_progressive(name, spec, stages, plan, eval_sets, resources, progress).result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +310,8 @@ def eval_sets_of(bundle: DatasetBundle) -> dict[str, tuple[torch.Tensor, torch.T
     return {"val": (bundle.val_x, bundle.val_y), "test": (bundle.test_x, bundle.test_y)}
 
 
-def _evaluate_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> EvalResult:
-    """A one-stage evaluation with the evaluation config's recipe and resources.
+def _submit_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> PendingEval:
+    """A one-stage evaluation with the evaluation config's recipe and resources, submitted.
 
     With ``setup.cache_dir``, the result is kept there under a digest of exactly what the
     evaluation consumes (see :func:`baseline_key`), so a re-run on the same data and recipe reuses it.
@@ -284,12 +326,12 @@ def _evaluate_baseline(name: str, stage: StageSet, setup: BaselineSetup) -> Eval
         cached = _read_cached(path)
         if cached is not None:
             progress_log.info("%s: reused from %s", name, path)
-            return cached
-    res = evaluate_progressive(name, spec, [stage], EvalPlan(recipe, cfg.runs, seed), sets, RunResources.of(cfg),
-                               progress=setup.progress)
+            return PendingEval.done(cached)
+    pending = submit_progressive(name, spec, [stage], EvalPlan(recipe, cfg.runs, seed), sets, RunResources.of(cfg),
+                                 progress=setup.progress)
     if path is not None:
-        path.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
-    return res
+        pending.on_result = lambda res: path.write_text(json.dumps({"format": 1, "result": res.to_dict()}))
+    return pending
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -328,6 +370,12 @@ def _read_cached(path: Folder) -> EvalResult | None:
 
 def evaluate_random_baseline(setup: BaselineSetup, ipc: int, epochs: int | None = None,
                              soft_labeller=None) -> EvalResult:
+    """:func:`submit_random_baseline`, waited for."""
+    return submit_random_baseline(setup, ipc, epochs, soft_labeller).result()
+
+
+def submit_random_baseline(setup: BaselineSetup, ipc: int, epochs: int | None = None,
+                           soft_labeller=None) -> PendingEval:
     """A fresh random real subset per run would mix two sources of variance; like the
     paper's random baseline we draw one subset per seed and train ``cfg.runs`` networks on it.
 
@@ -340,7 +388,7 @@ def evaluate_random_baseline(setup: BaselineSetup, ipc: int, epochs: int | None 
     soft = soft_labeller(x) if soft_labeller is not None else None
     name = f"random ipc{ipc}" + (" soft labels" if soft is not None else "")
     stage = StageSet(x, y, lr=setup.cfg.lr, epochs=epochs, soft_labels=soft)
-    return _evaluate_baseline(name, stage, setup)
+    return _submit_baseline(name, stage, setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +419,14 @@ def epochs_per_stage_for(total_epochs: int, num_stages: int) -> int:
 
 def evaluate_full_baseline(setup: BaselineSetup) -> EvalResult:
     """The whole training set, ``cfg.full_epochs`` epochs of minibatch SGD: the ceiling."""
+    return submit_full_baseline(setup).result()
+
+
+def submit_full_baseline(setup: BaselineSetup) -> PendingEval:
+    """:func:`evaluate_full_baseline`, submitted; ``.result()`` waits."""
     b, cfg = setup.bundle, setup.cfg
     stage = StageSet(b.train_x, b.train_y, lr=cfg.lr, epochs=cfg.full_epochs, batch_size=cfg.full_batch_size)
-    return _evaluate_baseline("full data", stage, setup)
+    return _submit_baseline("full data", stage, setup)
 
 
 def format_table(rows: list[tuple[str, str, float, float]], title: str = "test accuracy") -> str:

@@ -17,14 +17,17 @@ from pdd_ray.evaluation import (
     BaselineSetup,
     EvalPlan,
     EvalResult,
+    PendingEval,
     RunResources,
     budget_epochs,
-    evaluate_full_baseline,
+    eval_sets_of,
     evaluate_progressive,
     evaluate_random_baseline,
-    eval_sets_of,
     format_table,
     recipe_from_config,
+    submit_full_baseline,
+    submit_progressive,
+    submit_random_baseline,
 )
 from pdd_ray.prepare import Prepared, prepare
 from pdd_ray.progress import phase
@@ -107,10 +110,14 @@ class RunReport:
 
 def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult, progress: bool) -> dict[str, EvalResult]:
     """Progressive evaluation of the distilled stages on every configured architecture."""
-    out = {}
+    return {arch: pending.result() for arch, pending in submit_distilled(cfg, prepared, result, progress).items()}
+
+
+def submit_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult, progress: bool) -> dict[str, PendingEval]:
+    """:func:`evaluate_distilled`'s runs, submitted (one :class:`PendingEval` per architecture)."""
     recipe = recipe_from_config(cfg.evaluation, cfg.augment.strategy)
-    for arch in cfg.evaluation.archs:
-        out[arch] = evaluate_progressive(
+    return {
+        arch: submit_progressive(
             "PDD",
             prepared.spec.with_arch(arch),
             result.stages,
@@ -119,7 +126,8 @@ def evaluate_distilled(cfg: PddConfig, prepared: Prepared, result: DistillResult
             RunResources.of(cfg.evaluation),
             progress=progress,
         )
-    return out
+        for arch in cfg.evaluation.archs
+    }
 
 
 def stage1_labeller(cfg: PddConfig, prepared: Prepared, result: DistillResult):
@@ -189,21 +197,31 @@ def _run(cfg: PddConfig, prepared: Prepared, progress: bool, tracker, on_stage, 
     t_start = time.perf_counter()
     result = distill(cfg, prepared, progress=progress, on_stage=on_stage, tracker=tracker)
     seconds = dict(result.seconds)
+    # The baselines' runs are submitted first (the longest runs first keeps both cores busy to
+    # the end), then PDD's; all share the CPUs. "evaluation" is the time until PDD's results are
+    # in, "baselines" the time after that until theirs are.
     t0 = time.perf_counter()
-    with phase("evaluation"):
-        pdd = evaluate_distilled(cfg, prepared, result, progress)
-    seconds["evaluation"] = time.perf_counter() - t0
-    random = full = None
+    pending_baselines = []
     if baselines and cfg.evaluation.baselines:
-        t0 = time.perf_counter()
         ev, aug, total_ipc = cfg.evaluation, cfg.augment.strategy, cfg.distill.total_ipc
-        cache = baseline_cache(cfg)
-        with phase("baselines"):
-            # equal training budget: the one-stage random subset trains as long as all P stages together
-            setup = BaselineSetup(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, cache)
-            random = evaluate_random_baseline(setup, total_ipc, epochs=budget_epochs(ev, cfg.distill.num_stages))
-            full = evaluate_full_baseline(setup)
-        seconds["baselines"] = time.perf_counter() - t0
+        setup = BaselineSetup(prepared.bundle, prepared.spec, ev, aug, cfg.seed, progress, baseline_cache(cfg))
+        # equal training budget: the one-stage random subset trains as long as all P stages together
+        pending_baselines = [submit_full_baseline(setup),
+                             submit_random_baseline(setup, total_ipc, epochs=budget_epochs(ev, cfg.distill.num_stages))]
+    try:
+        with phase("evaluation"):
+            pdd = evaluate_distilled(cfg, prepared, result, progress)
+        seconds["evaluation"] = time.perf_counter() - t0
+        random = full = None
+        if pending_baselines:
+            t0 = time.perf_counter()
+            with phase("baselines"):
+                full, random = (p.result() for p in pending_baselines)
+            seconds["baselines"] = time.perf_counter() - t0
+    except BaseException:  # a failed run or Ctrl-C: nothing may keep computing unread baselines
+        for p in pending_baselines:
+            p.cancel()
+        raise
     seconds["total"] = time.perf_counter() - t_start
     hard, random_soft = soft_label_controls(cfg, prepared, result, progress) if baselines else (None, None)
     report = RunReport(result, pdd, random, full, seconds, budget_epochs(cfg.evaluation, cfg.distill.num_stages),

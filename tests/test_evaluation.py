@@ -131,7 +131,14 @@ def test_equal_training_budget_helpers(digits, monkeypatch):
         evaluation.epochs_per_stage_for(600, 7)
     assert "\n" not in str(err.value) and "600" in str(err.value) and "7" in str(err.value)
     seen = []
-    monkeypatch.setattr(evaluation, "evaluate_progressive", lambda name, spec, stages, *a, **k: seen.append(stages))
+    class _Submitted:  # what submit_progressive returns, without running anything
+        on_result = None
+
+        def result(self):
+            return None
+
+    monkeypatch.setattr(evaluation, "submit_progressive",
+                        lambda name, spec, stages, *a, **k: seen.append(stages) or _Submitted())
     setup = evaluation.BaselineSetup(p.bundle, p.spec, ev, "none", 0, progress=False)
     evaluation.evaluate_random_baseline(setup, 2, epochs=evaluation.budget_epochs(ev, 3))
     evaluation.evaluate_random_baseline(setup, 2)
@@ -156,3 +163,22 @@ def test_a_failed_run_cancels_the_runs_still_pending(ray_session, digits, monkey
     with pytest.raises(RuntimeError, match="run failed"):
         evaluate_progressive("x", p.spec, stages, plan, eval_sets_of(p.bundle), progress=False)
     assert len(cancelled) == 2  # the first run to finish failed; the two others were cancelled
+
+
+def test_baselines_submitted_together_give_the_numbers_they_give_alone_and_fill_the_cache(ray_session, digits,
+                                                                                          tmp_path):
+    """The pipeline submits both baselines before waiting on any run (the cores stay busy);
+    results are the ones each gives alone, and the cache is written when a result is collected."""
+    from pdd_ray.evaluation import submit_full_baseline, submit_random_baseline
+
+    cfg, p = digits
+    alone = BaselineSetup(p.bundle, p.spec, cfg.evaluation, "none", cfg.seed, progress=False)
+    cached = BaselineSetup(p.bundle, p.spec, cfg.evaluation, "none", cfg.seed, progress=False, cache_dir=tmp_path)
+    pending = [submit_full_baseline(cached), submit_random_baseline(cached, 2, epochs=30)]
+    assert not list(tmp_path.iterdir())  # nothing written before a result is in
+    full, rnd = (x.result() for x in pending)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert (full.scores["test"] == evaluate_full_baseline(alone).scores["test"]).all()
+    assert (rnd.scores["test"] == evaluate_random_baseline(alone, 2, epochs=30).scores["test"]).all()
+    again = submit_random_baseline(cached, 2, epochs=30)
+    assert again.pending == [] and (again.result().scores["test"] == rnd.scores["test"]).all()  # from the cache
