@@ -13,7 +13,7 @@
 # the repository with pdd_ray importable). Steps, each timed into OUT_DIR/summary.txt:
 #   env      torch / CUDA / Ray facts
 #   tests    the CUDA-only tests (skipped, and reported as such, on --cpu)
-#   speed    benchmarks/speed.py --anchors-only: all three unroll modes, peak max_memory_allocated
+#   speed    benchmarks/speed.py --anchors-only: the official step and all three unroll modes, K = 1..8, peak max_memory_allocated
 #            on CUDA (on --cpu the --quick subset, since the CIFAR anchors take minutes on a CPU)
 #   stage    one short CIFAR-shaped PDD stage (random images in CIFAR-10's on-disk format, 3x32x32)
 #            with 2 Ray Train workers sharing the GPU (distill.gpus_per_worker=0.5)
@@ -62,7 +62,7 @@ if [[ $CPU == 1 ]]; then
           distill.iterations=3 distill.syn_steps=5 distill.eval_epochs=3
           distill.transition_syn_epochs=3 evaluation.epochs_per_stage=3 evaluation.full_epochs=3 model.width=16)
 else
-    step speed "$PY" benchmarks/speed.py --anchors-only --out "$OUT_DIR/speed.json"
+    step speed "$PY" benchmarks/speed.py --anchors-only --unrolls official,full,checkpoint,tesla --ks 1,2,4,8 --out "$OUT_DIR/speed.json"
     GPU_ARGS=(distill.use_gpu=true distill.gpus_per_worker=0.5 experts.gpus=0.5 evaluation.gpus_per_run=0.5)
     SIZE=(experts.num_experts=4 experts.epochs=8 distill.max_start_epoch=4 distill.iterations=40 distill.syn_steps=20
           distill.eval_epochs=100 evaluation.epochs_per_stage=100 evaluation.full_epochs=20)

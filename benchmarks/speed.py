@@ -179,9 +179,10 @@ def _measure(setting: Setting, repeats: int, budget_s: float, threads: int | Non
     # Baseline after model and data construction, before any unroll: the warm-up's own
     # high-water mark must count, or the CPU peak (a high-water mark too) is under-reported.
     base = torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
-    # Warm-up with the same shapes but at most 2 steps: primes kernels and allocator caches
-    # without paying a whole (possibly minute-long) iteration.
-    once(min(2, setting.syn_steps), 0)
+    # Warm-up: one whole iteration, so the timed ones are a long stage's steady state (kernels
+    # primed, and with pdd_ray.allocator the heap already grown to an iteration's peak: the first
+    # iteration at CIFAR-10 shape, 100 images, costs ~34 s, the following ones ~23 s).
+    once(setting.syn_steps, 0)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times: list[float] = []
