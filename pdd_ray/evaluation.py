@@ -273,19 +273,6 @@ def submit_progressive(
     return PendingEval(name, spec.arch, plan.runs, refs, list(eval_sets), progress)
 
 
-def evaluate_progressive(
-    name: str,
-    spec: ModelSpec,
-    stages: list[StageSet],
-    plan: EvalPlan,
-    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    resources: RunResources = RunResources(),
-    progress: bool = True,
-) -> EvalResult:
-    """``plan.runs`` independent progressive runs as parallel Ray tasks; collects per-stage accuracy."""
-    return submit_progressive(name, spec, stages, plan, eval_sets, resources, progress).result()
-
-
 # ----------------------------------------------------------------------------------------------
 # Baselines
 # ----------------------------------------------------------------------------------------------

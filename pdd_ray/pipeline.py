@@ -21,8 +21,6 @@ from pdd_ray.evaluation import (
     RunResources,
     budget_epochs,
     eval_sets_of,
-    evaluate_progressive,
-    evaluate_random_baseline,
     format_table,
     recipe_from_config,
     submit_full_baseline,
@@ -152,15 +150,15 @@ def soft_label_controls(cfg: PddConfig, prepared: Prepared, result: DistillResul
     if all(s.soft_labels is None for s in result.stages):
         return None, None
     ev = ev or cfg.evaluation
-    hard = evaluate_progressive(
+    hard = submit_progressive(
         "PDD hard labels", prepared.spec, [replace(s, soft_labels=None) for s in result.stages],
         EvalPlan(recipe_from_config(ev, cfg.augment.strategy), ev.runs, cfg.seed, ev.carry_optimizer_state),
         eval_sets_of(prepared.bundle), RunResources.of(ev), progress=progress,
     )
     setup = BaselineSetup(prepared.bundle, prepared.spec, ev, cfg.augment.strategy, cfg.seed, progress)
-    rnd = evaluate_random_baseline(setup, cfg.distill.total_ipc, epochs=budget_epochs(ev, len(result.stages)),
-                                   soft_labeller=stage1_labeller(cfg, prepared, result))
-    return hard, rnd
+    rnd = submit_random_baseline(setup, cfg.distill.total_ipc, epochs=budget_epochs(ev, len(result.stages)),
+                                 soft_labeller=stage1_labeller(cfg, prepared, result))
+    return hard.result(), rnd.result()  # both submitted before either is waited for
 
 
 def run(cfg: PddConfig, progress: bool = True, parent_run_id: str | None = None, run_name: str | None = None,

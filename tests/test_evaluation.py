@@ -11,11 +11,11 @@ from pdd_ray.evaluation import (
     EvalPlan,
     StageSet,
     evaluate_full_baseline,
-    evaluate_progressive,
     evaluate_random_baseline,
     eval_sets_of,
     progressive_run,
     random_subset,
+    submit_progressive,
 )
 from pdd_ray.modelspec import ModelSpec
 from pdd_ray.prepare import prepare
@@ -93,8 +93,8 @@ def test_cross_architecture_spec(ray_session, digits):
     cfg, p = digits
     stage = StageSet(*random_subset(p.bundle, 1, 0), lr=0.01, epochs=5)
     spec = ModelSpec("vgg11", 1, 10, 8)
-    res = evaluate_progressive("x", spec, [stage], EvalPlan(TrainRecipe(epochs=5, lr=0.01), 1, 0),
-                               eval_sets_of(p.bundle), progress=False)
+    res = submit_progressive("x", spec, [stage], EvalPlan(TrainRecipe(epochs=5, lr=0.01), 1, 0),
+                             eval_sets_of(p.bundle), progress=False).result()
     assert res.arch == "vgg11" and res.scores["test"].shape == (1, 1)
 
 
@@ -161,7 +161,7 @@ def test_a_failed_run_cancels_the_runs_still_pending(ray_session, digits, monkey
     stages = [StageSet(*random_subset(p.bundle, 1, 0), lr=0.01)]
     plan = EvalPlan(TrainRecipe(epochs=3, lr=0.01), runs=3, seed=0)
     with pytest.raises(RuntimeError, match="run failed"):
-        evaluate_progressive("x", p.spec, stages, plan, eval_sets_of(p.bundle), progress=False)
+        submit_progressive("x", p.spec, stages, plan, eval_sets_of(p.bundle), progress=False).result()
     assert len(cancelled) == 2  # the first run to finish failed; the two others were cancelled
 
 

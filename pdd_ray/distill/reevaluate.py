@@ -9,7 +9,7 @@ from pathlib import Path
 from pdd_ray.config import build_config
 from pdd_ray.distill.artifact import load_distilled
 from pdd_ray.errors import PddError
-from pdd_ray.evaluation import EvalPlan, RunResources, eval_sets_of, evaluate_progressive, format_table
+from pdd_ray.evaluation import EvalPlan, RunResources, eval_sets_of, format_table, submit_progressive
 from pdd_ray.models import ARCHS
 from pdd_ray.prepare import prepare
 from pdd_ray.runtime import ensure_ray
@@ -36,10 +36,10 @@ def reevaluate_artifact(args: argparse.Namespace) -> int:
     ensure_ray()
     rows, dump = [], {}
     for arch in archs:
-        res = evaluate_progressive(
+        res = submit_progressive(
             "PDD", art.spec.with_arch(arch), art.stages, EvalPlan(art.recipe, runs, cfg.seed, art.carry_optimizer_state),
             eval_sets_of(prepared.bundle), RunResources.of(cfg.evaluation), progress=not args.no_progress,
-        )
+        ).result()
         dump[arch] = res.to_dict()
         ipc = 0
         for k, stage in enumerate(art.stages):
