@@ -8,9 +8,10 @@ machine's 2 cores that was about 8.6 million page faults and roughly 40 % of one
 wall time (``benchmarks/speed.py``: 36.9 s -> 19.4 s at the anchor "cifar10 100 img 20 steps";
 2.1 million faults instead of 25.7 million over three iterations).
 
-The fix is three ``mallopt`` settings, applied at run time in every process that trains:
+The fix is four ``mallopt`` settings, applied at run time in every process that trains:
 no ``mmap`` for large blocks (they come from the heap and are reused), no trimming of the
-heap's top, and one arena so that Ray Train's worker thread shares the main heap. The cost is
+heap's top, growth in 64 MiB steps, and one arena so that Ray Train's worker thread shares the
+main heap. The cost is
 that a process keeps its peak heap until it exits, which a training worker reaches every
 iteration anyway. Values are unchanged: only where the bytes live.
 

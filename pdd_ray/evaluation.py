@@ -196,7 +196,8 @@ class PendingEval:
     Submitting several evaluations before waiting on any lets Ray fill every free CPU with
     whichever runs are queued: 5 runs on 2 cores leave one core idle for a whole run at the end
     of each evaluation done alone; the PDD evaluation and both baselines submitted together
-    leave it idle once (``pipeline._run``).
+    leave it idle once (``pipeline._run``). On 2 cores that measured no gain (README,
+    Performance); with 15 or more CPUs all 15 runs go at once instead of in three phases.
     """
 
     def __init__(self, name: str, arch: str, runs: int, refs: list, splits: list[str], progress: bool,
