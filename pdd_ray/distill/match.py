@@ -269,16 +269,11 @@ def match(p: MatchProblem, alpha: torch.Tensor, spec: UnrollSpec, g: torch.Gener
     return MatchResult(loss=float(loss.detach()), grad_images=grad_images, grad_alpha=grad_alpha)
 
 
-def _mean_result(results: list[MatchResult]) -> MatchResult:
-    k = len(results)
-    return MatchResult(loss=sum(r.loss for r in results) / k,
-                       grad_images=torch.stack([r.grad_images for r in results]).mean(0),
-                       grad_alpha=torch.stack([r.grad_alpha for r in results]).mean(0))
-
-
-def _vmappable(flat_model: FlatModel) -> bool:
-    """vmap cannot run modules that update buffers in place (BatchNorm's running statistics)."""
-    return next(flat_model.model.buffers(), None) is None
+def batchable(flat_model: FlatModel, spec: UnrollSpec) -> bool:
+    """Whether ``match_many`` can unroll several problems on this model together: only the full
+    unroll is batched, and vmap cannot run modules that update buffers in place (BatchNorm's
+    running statistics). Otherwise the caller runs ``match`` once per problem."""
+    return spec.mode == "full" and next(flat_model.model.buffers(), None) is None
 
 
 def _unroll_losses_batched(problems: list[MatchProblem], alpha: torch.Tensor, spec: UnrollSpec,
@@ -318,14 +313,15 @@ def match_many(problems: list[MatchProblem], alpha: torch.Tensor, spec: UnrollSp
     """The mean of ``match`` over problems that share the model and the images (they differ in
     their expert segment), one generator each: what as many workers would all-reduce.
 
-    With the full unroll and more than one problem, the unrolls are batched with vmap (same
-    gradients to float rounding, tested against the one-by-one mean). The memory-bounded modes,
-    and models with buffers, run the problems one after another.
+    The unrolls are batched with vmap (same gradients to float rounding, tested against the
+    one-by-one mean). Only where :func:`batchable` holds: the memory-bounded modes and models
+    with buffers run ``match`` per problem instead (``BaseMethod.update_many`` averages them).
     """
     if len(problems) != len(gens) or not problems:
         raise PddError(f"match_many got {len(problems)} problems and {len(gens)} generators; expected as many of each, at least one")
-    if len(problems) == 1 or spec.mode != "full" or not _vmappable(problems[0].flat_model):
-        return _mean_result([match(p, alpha, spec, g) for p, g in zip(problems, gens)])
+    if not batchable(problems[0].flat_model, spec):
+        raise PddError(f"match_many batches the full unroll of a model without buffers; got unroll {spec.mode!r}"
+                       f"{' and a model with buffers' if spec.mode == 'full' else ''}: call match once per problem")
     _check_spec(spec)
     losses = _unroll_losses_batched(problems, alpha, spec, gens)
     loss = losses.mean()

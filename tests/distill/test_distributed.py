@@ -106,3 +106,23 @@ def test_one_worker_with_two_trajectories_steps_like_two_workers(two_workers, ra
     final = next(s for s in states if int(s["iteration"]) == 1)
     torch.testing.assert_close(final["images"], final2["images"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(final["alpha"], final2["alpha"], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("unroll", ["full", "checkpoint"])
+def test_update_many_is_the_mean_of_the_ranks_updates(two_workers, unroll):
+    """K samples on one worker (vmapped with the full unroll, one by one with ``checkpoint``)
+    average what ``update`` computes for each of those ranks alone."""
+    _, task, _ = two_workers
+    method = method_class(task.method)(task.context, torch.device("cpu"))
+    method.settings = {**method.settings, "unroll": unroll}
+    x = task.context.sets.init_images.clone().requires_grad_(True)
+    alpha = torch.tensor(task.optimisation.lr_init, requires_grad=True)
+
+    def gens():
+        return [iteration_generator(task.seed, task.stage, 0, r) for r in (0, 1)]
+
+    many = method.update_many(0, [0, 1], x, alpha, gens())
+    ones = [method.update(0, r, x, alpha, g) for r, g in zip((0, 1), gens())]
+    assert many.loss == pytest.approx((ones[0].loss + ones[1].loss) / 2, rel=1e-5)
+    torch.testing.assert_close(many.grad_images, (ones[0].grad_images + ones[1].grad_images) / 2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(many.grad_alpha, (ones[0].grad_alpha + ones[1].grad_alpha) / 2, rtol=1e-4, atol=1e-7)

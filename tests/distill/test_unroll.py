@@ -186,3 +186,5 @@ def test_match_many_checks_its_arguments():
         match_many(problems, alpha, UnrollSpec(2, BATCH, DiffAugment("none"), "full"), [generator(0)])
     with pytest.raises(PddError, match="syn_steps=0"):
         match_many(problems, alpha, UnrollSpec(0, BATCH, DiffAugment("none"), "full"), [generator(0), generator(1)])
+    with pytest.raises(PddError, match="unroll 'checkpoint'"):
+        match_many(problems, alpha, UnrollSpec(2, BATCH, DiffAugment("none"), "checkpoint"), [generator(0), generator(1)])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pdd_ray.augment import DiffAugment
-from pdd_ray.distill.match import MatchProblem, UnrollSpec, match, match_many
+from pdd_ray.distill.match import MatchProblem, UnrollSpec, batchable, match, match_many
 from pdd_ray.distill.methods.base import BaseMethod, MethodContext, SettingsContext, Update
 from pdd_ray.models import FlatModel
 
@@ -60,7 +60,11 @@ class MttMethod(BaseMethod):
 
     def update_many(self, iteration: int, ranks: list[int], new_images: torch.Tensor, alpha: torch.Tensor,
                     gens: list[torch.Generator]) -> Update:
-        """K samples unrolled together (``match_many``: vmapped with the full unroll)."""
+        """K samples unrolled together with the full unroll (``match_many``: one vmap); the
+        memory-bounded unrolls run them one after another (the base class's mean)."""
+        spec = self._spec()
+        if len(gens) == 1 or not batchable(self.flat_model, spec):
+            return super().update_many(iteration, ranks, new_images, alpha, gens)
         problems = [self._problem(new_images, g) for g in gens]
-        res = match_many(problems, alpha, self._spec(), gens)
+        res = match_many(problems, alpha, spec, gens)
         return Update(res.loss, res.grad_images, res.grad_alpha)
