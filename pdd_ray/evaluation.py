@@ -214,8 +214,10 @@ class PendingEval:
         return out
 
     def cancel(self) -> None:
-        for ref in self.pending:
-            ray.cancel(ref)
+        """Cancel the runs not yet collected (nothing once :meth:`result` has returned)."""
+        if self._result is None:
+            for ref in self.pending:
+                ray.cancel(ref)
 
     def result(self) -> EvalResult:
         """Per-stage accuracy of every run (waits; a failed run or Ctrl-C cancels the rest)."""
