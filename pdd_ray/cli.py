@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray import __version__
 from pdd_ray.errors import PddError
 
@@ -83,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table([(res.name, detail, mean, std)]))
     print(f"(validation {vmean:.2f} ± {vstd:.2f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(res.to_dict(), indent=2))
+        write_text_atomic(Path(args.json), json.dumps(res.to_dict(), indent=2))
     return 0
 
 

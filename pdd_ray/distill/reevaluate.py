@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import build_config
 from pdd_ray.distill.artifact import load_distilled
 from pdd_ray.errors import PddError
@@ -48,5 +49,5 @@ def reevaluate_artifact(args: argparse.Namespace) -> int:
     print(f"artifact {args.artifact}: {art.manifest['dataset']['name']}, {runs} runs")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dump, indent=2))
+        write_text_atomic(Path(args.json), json.dumps(dump, indent=2))
     return 0
