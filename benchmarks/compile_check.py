@@ -51,11 +51,10 @@ def step_check(anchor: str, repeats: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from speed import ANCHORS, SHAPES, STRATEGY
 
+    from pdd_ray.allocator import keep_freed_memory
     from pdd_ray.augment import DiffAugment
     from pdd_ray.distill.match import _device_schedule
     from pdd_ray.models import FlatModel
-
-    from pdd_ray.allocator import keep_freed_memory
 
     keep_freed_memory()  # as speed.py's anchors and the stage workers run
     torch.set_num_threads(2)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pdd_ray.atomic import write_text_atomic  # noqa: E402
+from pdd_ray.evaluation import EvalResult  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -41,15 +41,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def summarise(results: dict) -> dict:
-    """Mean ± std test accuracy (%) of PDD after each stage and of the random subset, and the gap."""
-    def stats(runs: list[list[float]], stage: int) -> tuple[float, float]:
-        values = [100 * r[stage] for r in runs]
-        return statistics.mean(values), statistics.pstdev(values)  # as pdd-ray's table (population std)
-
-    pdd_runs = next(iter(results["pdd"].values()))["scores"]["test"]
-    random_runs = results["random"]["scores"]["test"]
-    stages = [stats(pdd_runs, k) for k in range(len(pdd_runs[0]))]
-    random = stats(random_runs, -1)
+    """Mean ± std test accuracy (%) of PDD after each stage and of the random subset, and the gap,
+    computed by ``EvalResult`` as ``pdd-ray run``'s table computes them (population std)."""
+    pdd = EvalResult.from_dict(next(iter(results["pdd"].values())))
+    stages = [(float(m) * 100, float(s) * 100) for m, s in zip(pdd.mean(), pdd.std())]
+    random = EvalResult.from_dict(results["random"]).final
     return {"pdd_stages": stages, "random": random, "gap": stages[-1][0] - random[0],
             "seconds": results["seconds"]}
 
