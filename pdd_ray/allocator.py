@@ -11,9 +11,8 @@ wall time (``benchmarks/speed.py``: 36.9 s -> 19.4 s at the anchor "cifar10 100 
 The fix is four ``mallopt`` settings, applied at run time in every process that trains:
 no ``mmap`` for large blocks (they come from the heap and are reused), no trimming of the
 heap's top, growth in 64 MiB steps, and one arena so that Ray Train's worker thread shares the
-main heap. The cost is
-that a process keeps its peak heap until it exits, which a training worker reaches every
-iteration anyway. Values are unchanged: only where the bytes live.
+main heap. The cost is that a process keeps its peak heap until it exits, which a training
+worker reaches every iteration anyway. Values are unchanged: only where the bytes live.
 
 Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing. Set
 ``PDD_RAY_MALLOC=default`` to leave the allocator alone (e.g. to compare).

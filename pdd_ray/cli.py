@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pdd_ray.atomic import write_text_atomic
 from pdd_ray import __version__
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.errors import PddError
 
 
