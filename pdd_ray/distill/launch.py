@@ -200,6 +200,7 @@ def run_stage(
         val_history=state.val_history,
         soft_labels=best.soft_labels.float() if best.soft_labels is not None else None,
         validation_seconds=state.validation_seconds,
+        step_seconds=state.step_seconds,
     )
 
 

@@ -36,6 +36,7 @@ class StageOutcome:
     val_history: list[tuple[int, float]]
     soft_labels: torch.Tensor | None = None  # learned logits (DATM), None for hard labels
     validation_seconds: float = 0.0  # in-loop validation's share of the stage's time (0 when read from a record)
+    step_seconds: float = 0.0  # the iterations' own share (update, all-reduce, optimiser); 0 when read from a record
 
 
 def _write_json(path: Folder, obj: dict) -> None:

@@ -265,6 +265,7 @@ class StageState:
     soft_labels: torch.Tensor | None = None  # learned logits (DATM) and their optimiser
     opt_labels: dict | None = None
     validation_seconds: float = 0.0  # rank 0's wall time in in-loop validation so far (benchmarks/run_time.py)
+    step_seconds: float = 0.0  # rank 0's wall time in the iterations' own work so far (update, all-reduce, optimiser)
 
     def to_checkpoint(self) -> dict:
         """The checkpoint dict (tensors and plain values only, so it loads without pickle)."""
@@ -285,6 +286,7 @@ class StageState:
             "val_history": torch.tensor(self.val_history, dtype=torch.float64).reshape(-1, 2),
             "done": self.done,
             "validation_seconds": self.validation_seconds,
+            "step_seconds": self.step_seconds,
         }
 
     @classmethod
@@ -297,7 +299,8 @@ class StageState:
                    opt_lr=s["opt_lr"], best=best, losses=s["losses"].tolist(),
                    val_history=[(int(i), float(a)) for i, a in s["val_history"].tolist()],
                    done=bool(s.get("done", False)), soft_labels=s.get("soft_labels"), opt_labels=s.get("opt_labels"),
-                   validation_seconds=float(s.get("validation_seconds", 0.0)))
+                   validation_seconds=float(s.get("validation_seconds", 0.0)),
+                   step_seconds=float(s.get("step_seconds", 0.0)))
 
     @classmethod
     def load(cls, checkpoint: ray.train.Checkpoint) -> StageState:
@@ -335,6 +338,7 @@ class StageRun:
         self.losses: list[float] = []
         self.val_history: list[tuple[int, float]] = []
         self.validation_seconds = 0.0
+        self.step_seconds = 0.0
 
     def alpha_now(self) -> float:
         """α as a Python float; exactly ``lr_init`` for methods that do not learn it (the float32
@@ -357,6 +361,7 @@ class StageRun:
         self.losses = state.losses
         self.val_history = state.val_history
         self.validation_seconds = state.validation_seconds
+        self.step_seconds = state.step_seconds
 
     def state(self, iteration: int, done: bool = False) -> StageState:
         """A snapshot of the live state (CPU copies)."""
@@ -366,7 +371,7 @@ class StageRun:
             losses=self.losses, val_history=self.val_history, done=done,
             soft_labels=self.labels.detach().cpu().clone() if self.soft else None,
             opt_labels=self.opt_labels.state_dict() if self.soft else None,
-            validation_seconds=self.validation_seconds,
+            validation_seconds=self.validation_seconds, step_seconds=self.step_seconds,
         )
 
     def validate(self, it: int) -> float:
@@ -533,7 +538,9 @@ def _stage_loop(task: StageTask, rank: int, run: StageRun) -> None:
         if it == iterations:
             break
         _maybe_inject_failure(task, it, rank)
+        t0 = time.perf_counter()
         problem, loss_t, grad_x = run.step(it)
+        run.step_seconds += time.perf_counter() - t0
         if problem is not None:
             _stop(task, rank, it, problem, recorder)
             return

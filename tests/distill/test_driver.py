@@ -63,6 +63,16 @@ def test_killed_worker_restarts_and_iterations_stay_continuous(finished):
     assert np.isfinite(result.outcomes[0].losses).all()
 
 
+def test_stage_time_splits_into_steps_validation_and_ray_train(finished):
+    """``results.json``'s stage_k holds the iterations' own time (steps_k), the in-loop
+    validation (validation_k) and, the rest, Ray Train's start and stop: all three positive."""
+    cfg, _, result = finished
+    for k in range(1, cfg.distill.num_stages + 1):
+        stage, steps, validation = (result.seconds[f"{name}_{k}"] for name in ("stage", "steps", "validation"))
+        assert steps > 0 and validation > 0, (k, steps, validation)
+        assert steps + validation < stage, (k, steps, validation, stage)
+
+
 def test_resumed_stage_equals_an_uninterrupted_one(finished, uninterrupted):
     """The restart replays nothing and skips nothing: images, α, losses and the selection are
     bit-identical to a run that never failed (CPU; see README on determinism)."""
