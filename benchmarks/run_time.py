@@ -6,7 +6,10 @@ fresh storage folder (nothing cached: experts, stages and baselines are all comp
 the command end to end and reads the per-phase seconds the run writes to ``results.json``:
 
 * experts: stage 1's expert trajectories (Ray actors, in parallel);
-* stages: each stage's Ray Train fit *minus* its in-loop validation;
+* stages: each stage's Ray Train fit *minus* its in-loop validation, and within it (rows not
+  added into the total) the iterations' own work (``steps_k``: update, all-reduce, optimiser,
+  rank 0's wall time) and the rest, Ray Train's start and stop (controller, worker actor,
+  torch.distributed, the final checkpoint); runs recorded before ``steps_k`` show "–" there;
 * validation: the stages' in-loop validation (rank 0's wall time);
 * transitions: the experts conditioned on S_<=k for the next stage;
 * evaluation: the progressive evaluation of the distilled sets;
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 PHASES = ("experts", "stages", "validation", "transitions", "evaluation", "baselines", "startup and other")
+#: Parts of "stages", shown under it and not added into the whole command's sum.
+STAGE_PARTS = ("stages: iterations", "stages: Ray Train start and stop")
 
 
 def phase_split(seconds: dict[str, float], wall: float) -> dict[str, float]:
@@ -52,6 +57,9 @@ def phase_split(seconds: dict[str, float], wall: float) -> dict[str, float]:
         "baselines": seconds.get("baselines", 0.0),
     }
     out["startup and other"] = wall - sum(out.values())
+    if any(k.startswith("steps_") for k in seconds):
+        out[STAGE_PARTS[0]] = total("steps_")
+        out[STAGE_PARTS[1]] = out["stages"] - out[STAGE_PARTS[0]]
     return out
 
 
@@ -81,8 +89,10 @@ def markdown(runs: dict[str, dict]) -> str:
     """Phases as rows, labelled runs as columns."""
     labels = list(runs)
     lines = ["| phase | " + " | ".join(labels) + " |", "|---" * (1 + len(labels)) + "|"]
-    for phase in PHASES:
-        lines.append(f"| {phase} | " + " | ".join(f"{runs[l]['phases'].get(phase, 0.0):.1f}" for l in labels) + " |")
+    for phase in PHASES[:2] + STAGE_PARTS + PHASES[2:]:
+        cells = [runs[l]["phases"].get(phase) for l in labels]
+        name = f"&nbsp;&nbsp;{phase.split(': ')[1]}" if phase in STAGE_PARTS else phase
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
     lines.append("| **wall (whole command)** | " + " | ".join(f"**{runs[l]['wall_seconds']:.1f}**" for l in labels) + " |")
     return "\n".join(lines)
 
