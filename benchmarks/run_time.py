@@ -8,8 +8,9 @@ the command end to end and reads the per-phase seconds the run writes to ``resul
 * experts: stage 1's expert trajectories (Ray actors, in parallel);
 * stages: each stage's Ray Train fit *minus* its in-loop validation, and within it (rows not
   added into the total) the iterations' own work (``steps_k``: update, all-reduce, optimiser,
-  rank 0's wall time) and the rest, Ray Train's start and stop (controller, worker actor,
-  torch.distributed, the final checkpoint); runs recorded before ``steps_k`` show "–" there;
+  rank 0's wall time) and the rest, mostly Ray Train's start and stop (controller, worker
+  actor, torch.distributed, the final checkpoint; also the checkpoints and progress reports
+  between iterations); runs recorded before ``steps_k`` show "–" there;
 * validation: the stages' in-loop validation (rank 0's wall time);
 * transitions: the experts conditioned on S_<=k for the next stage;
 * evaluation: the progressive evaluation of the distilled sets;

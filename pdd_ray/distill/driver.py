@@ -154,7 +154,7 @@ def _one_stage(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, ke
     out, from_record = _stage_outcome(cfg, prepared, directory, k, key, run.stored, progress, sink)
     run.seconds[f"stage_{k}"] = time.perf_counter() - t0  # includes the in-loop validation:
     run.seconds[f"validation_{k}"] = out.validation_seconds
-    run.seconds[f"steps_{k}"] = out.step_seconds  # the rest of stage_k is Ray Train's start and stop
+    run.seconds[f"steps_{k}"] = out.step_seconds  # the rest of stage_k: mostly Ray Train's start and stop
     run.health.append(stage_health(k, out.best_iteration, out.best_val_acc, out.val_history,
                                    prepared.bundle.num_classes, cfg.distill.iterations))
     if run.health[-1].warning:
