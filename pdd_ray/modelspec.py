@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,8 +48,17 @@ class ModelSpec:
         return cls(**d)
 
 
+#: Initialisation draws from torch's one global CPU generator; networks built side by side in
+#: threads (in-loop validation, :func:`pdd_ray.distill.stage.shared_mean`) take turns on it.
+_GLOBAL_RNG = threading.Lock()
+
+
 def build_seeded(spec: ModelSpec, seed: int) -> torch.nn.Module:
-    """Build ``spec`` with weights drawn from ``seed`` without disturbing the global RNG."""
-    with torch.random.fork_rng(devices=[]):
+    """Build ``spec`` with weights drawn from ``seed`` without disturbing the global RNG.
+
+    Thread-safe: seeding, drawing and restoring the global generator happen under one lock, so
+    two threads never interleave their draws (each network's weights depend on its seed only).
+    """
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return spec.build()
