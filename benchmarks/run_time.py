@@ -18,13 +18,18 @@ the command end to end and reads the per-phase seconds the run writes to ``resul
 * startup and other: the command's wall time minus all of the above (interpreter, imports, Ray
   start and stop, MLflow, writing the artifact).
 
+``--processes`` also samples ``/proc`` while the command runs: CPU seconds by process role (the
+stage worker, evaluation tasks, experts, the driver, Ray's own actors and daemons) and how busy
+the cores were (``benchmarks/process_cpu.py``); on 2 cores the run is CPU-bound, so this says
+where its time really goes.
+
 ``--schedule serial`` emulates the official code's schedule on the same machine: one expert or
 transition network at a time using every core (``experts.cpus`` = all cores), validation in the
 stage's one process. ``--source PATH`` runs another checkout (e.g. a ``git worktree`` of an
 older commit) to measure "before".
 
     python benchmarks/run_time.py [--config digits] [--schedule parallel|serial] [--source PATH]
-                                  [--label after] [--out benchmarks/results/run_time.json]
+                                  [--label after] [--processes] [--out benchmarks/results/run_time.json]
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself: run as a script
+from process_cpu import ProcessCPU  # noqa: E402
+from process_cpu import markdown as cpu_markdown  # noqa: E402
 
 PHASES = ("experts", "stages", "validation", "transitions", "evaluation", "baselines", "startup and other")
 #: Parts of "stages", shown under it and not added into the whole command's sum.
@@ -64,8 +73,9 @@ def phase_split(seconds: dict[str, float], wall: float) -> dict[str, float]:
     return out
 
 
-def run_once(config: str, schedule: str, source: Path | None, extra: list[str]) -> dict:
-    """One cold ``pdd-ray run`` in a fresh storage folder; its wall time, phases and table."""
+def run_once(config: str, schedule: str, source: Path | None, extra: list[str], processes: bool = False) -> dict:
+    """One cold ``pdd-ray run`` in a fresh storage folder; its wall time, phases and table, and
+    with ``processes`` the CPU seconds by process role (:mod:`process_cpu`)."""
     overrides = list(extra)
     if schedule == "serial":
         overrides.append(f"experts.cpus={os.cpu_count() or 1}")
@@ -74,16 +84,23 @@ def run_once(config: str, schedule: str, source: Path | None, extra: list[str]) 
         env["PYTHONPATH"] = str(source.resolve())
     with tempfile.TemporaryDirectory(prefix="pdd-run-time-") as tmp:
         cmd = [sys.executable, "-m", "pdd_ray", "run", config, f"storage={tmp}/storage", "--no-progress", *overrides]
+        sampler = ProcessCPU() if processes else None
+        if sampler is not None:
+            sampler.start()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        cpu = sampler.stop() if sampler is not None else None
         if proc.returncode != 0:
             raise SystemExit(f"run_time: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         results = next(Path(tmp, "storage").rglob("results.json"))
         report = json.loads(results.read_text())
     seconds = report["seconds"]
-    return {"command": " ".join(cmd[2:]), "wall_seconds": wall, "seconds": seconds,
-            "phases": phase_split(seconds, wall), "table": proc.stdout.strip().splitlines()[-12:]}
+    out = {"command": " ".join(cmd[2:]), "wall_seconds": wall, "seconds": seconds,
+           "phases": phase_split(seconds, wall), "table": proc.stdout.strip().splitlines()[-12:]}
+    if cpu is not None:
+        out["processes"] = cpu
+    return out
 
 
 def markdown(runs: dict[str, dict]) -> str:
@@ -107,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default=None, help="column name in the table (default: the schedule)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/run_time.json"),
                     help="JSON file; runs with other labels already in it are kept")
+    ap.add_argument("--processes", action="store_true",
+                    help="also sample CPU seconds by process role from /proc (Linux; benchmarks/process_cpu.py)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to pdd-ray run")
     args = ap.parse_args(argv)
     label = args.label or args.schedule
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = json.loads(args.out.read_text()).get("runs", {})
     print(f"run_time: {label}: pdd-ray run {args.config} ({args.schedule}) ...", file=sys.stderr, flush=True)
     load = os.getloadavg()
-    result = run_once(args.config, args.schedule, args.source, args.overrides)
+    result = run_once(args.config, args.schedule, args.source, args.overrides, args.processes)
     runs[label] = {**result, "schedule": args.schedule, "source": str(args.source or "this checkout"),
                    "load_average_start": load, "cpu_count": os.cpu_count(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -126,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(runs)
     write_text_atomic(args.out.with_suffix(".md"), table + "\n")
     print(table)
+    if "processes" in result:
+        print(f"\nCPU by process role, {label}:\n" + cpu_markdown(result["processes"]))
     print("\n".join(result["table"]))
     return 0
 
