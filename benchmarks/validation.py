@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pdd_ray.allocator import keep_freed_memory
+from pdd_ray.atomic import write_text_atomic
 from pdd_ray.config import load_config
 from pdd_ray.distill.stage import shared_mean
 from pdd_ray.distill.identity import selection_recipe
@@ -45,9 +46,9 @@ def _digits(images: int) -> tuple:
         "runs": cfg.distill.eval_runs, "recipe": selection_recipe(cfg), "lr": cfg.distill.lr_init}
 
 
-def _time(images: int, threads: int, side_by_side: bool) -> tuple[float, float]:
-    """Seconds for one validation (all runs) and its mean accuracy."""
-    x, y, vx, vy, spec, v = _digits(images)
+def _time(data: tuple, threads: int, side_by_side: bool) -> tuple[float, float]:
+    """Seconds for one validation (all runs) of ``data`` (:func:`_digits`) and its mean accuracy."""
+    x, y, vx, vy, spec, v = data
 
     def score(r: int) -> float:
         return progressive_run(spec, [StageSet(x, y, lr=v["lr"])], v["recipe"], {"val": (vx, vy)}, seed=1000 + r)["val"][-1]
@@ -68,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     rows = []
     for images in (int(s) for s in args.images.split(",")):
-        _time(images, args.threads, True)  # warm-up: first-call allocations, lazy imports
+        data = _digits(images)
+        _time(data, args.threads, True)  # warm-up: first-call allocations, lazy imports
         seq, par, means = [], [], {False: set(), True: set()}
         for _ in range(args.rounds):
             for side_by_side, out in ((False, seq), (True, par)):
-                seconds, mean = _time(images, args.threads, side_by_side)
+                seconds, mean = _time(data, args.threads, side_by_side)
                 out.append(seconds)
                 means[side_by_side].add(round(mean, 6))
         row = {"images": images, "one_after_another_s": seq, "side_by_side_s": par,
@@ -85,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"threads": args.threads, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(report, indent=2))
     return 0
 
 

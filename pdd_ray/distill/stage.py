@@ -6,8 +6,9 @@ start epoch; DM/IDC: networks and real batches): each holds the whole synthetic 
 computes its gradient, and the gradients are averaged with an all-reduce before the
 (identical) optimiser step, so every worker keeps the same images.
 One worker is exactly a single process. The ranks share the validation networks (each its
-share side by side over its threads); rank 0 keeps the best images and writes checkpoints; every random draw derives from
-(seed, stage, iteration, rank), so a restart from a checkpoint continues the same sequence.
+share side by side over its threads); rank 0 keeps the best images and writes checkpoints;
+every random draw derives from (seed, stage, iteration, rank), so a restart from a checkpoint
+continues the same sequence.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def score_side_by_side(runs: list[int], score: Callable[[int], float], threads: 
 
     Why: a worker with 2 CPUs trained its validation networks one after another on 2 intra-op
     threads, but small networks' operators (8x8 digits, narrow ConvNets) scale poorly over
-    intra-op threads; two networks side by side, one thread each, finished 1.2-2x sooner
-    (README, Performance). torch releases the GIL inside operators, so Python threads run them
+    intra-op threads; two networks side by side, one thread each, finished 1.2-1.5x sooner
+    (``benchmarks/validation.py``, README Performance). torch releases the GIL inside operators, so Python threads run them
     in parallel. Each run's result depends on r only (its own generator; initialisation under
     :func:`pdd_ray.modelspec.build_seeded`'s lock), so the scores are those of one after
     another at the same intra-op thread count.
