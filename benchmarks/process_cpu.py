@@ -8,8 +8,8 @@ to cut; this can. A thread samples every process that appears after the start, e
 ``/proc/PID/cmdline``. Ray names its workers ``ray::Class.method`` or ``ray::task``; a pooled
 worker between tasks is ``ray::IDLE``, and before its title is set a worker shows as
 ``setup_worker.py`` or ``default_worker.py``, so a process is filed under the most telling
-name it showed (:func:`_rank`). A process's last ``interval`` before it exits, and processes shorter than ``interval``,
-are missed: the sums are slight underestimates.
+name it showed (:func:`_rank`). A process's last ``interval`` before it exits, and processes
+shorter than ``interval``, are missed: the sums are slight underestimates.
 
     sampler = ProcessCPU(); sampler.start(); ...run...; report = sampler.stop()
 """
@@ -111,10 +111,10 @@ class ProcessCPU:
 
     def stop(self) -> dict:
         """Stop sampling; CPU seconds and process counts by role, and the cores' busy fraction."""
-        self._sample()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._sample()  # the last look, on this thread alone once the sampler has stopped
         busy1 = _busy_jiffies()
         roles: dict[str, dict] = {}
         for seen in self._seen.values():
