@@ -1,8 +1,9 @@
 """One stage on Ray Train: build the workers' task, fit a ``TorchTrainer``, read its result.
 
 The per-worker loop itself is :func:`pdd_ray.distill.stage.stage_worker`; this module is the
-driver's side of it (initial images, frozen stages, the progress watcher, the fit off the
-main thread, the final checkpoint turned into a :class:`StageOutcome`).
+driver's side of it (initial images, frozen stages, the progress watcher, the final checkpoint
+turned into a :class:`StageOutcome`). The fit runs off the main thread so that Ctrl-C stops
+it cleanly: :mod:`pdd_ray.distill.fit_thread`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from pdd_ray.config import PddConfig
 from pdd_ray.distill.callbacks import StageSink
+from pdd_ray.distill.fit_thread import controller_callbacks, fit_off_main_thread
 from pdd_ray.distill.identity import selection_recipe
 from pdd_ray.distill.methods import Conditioning, MethodContext, StageSets, method_class, method_image_lr, method_settings
 from pdd_ray.distill.methods.base import check_real_classes
@@ -121,7 +123,7 @@ def _problem_path(directory: Folder, k: int) -> Folder:
     return directory / f"stage_{k}.problem.txt"
 
 
-def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: StageTask):
+def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: StageTask, callbacks: list | None = None):
     """The stage's ``TorchTrainer``: its workers, checkpoints and restarts."""
     directory = Folder.at(directory)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -141,6 +143,7 @@ def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: Stage
             storage_filesystem=None if directory.local else directory.fs,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
     )
 
@@ -170,14 +173,16 @@ def run_stage(
     problem_path = _problem_path(directory, k)  # written by the workers if the stage goes non-finite
     problem_path.unlink()
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
-    trainer = _trainer(cfg, directory, k, _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None))
+    callbacks = controller_callbacks(board)  # so that Ctrl-C can end the fit before Ray stops
+    task = _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None)
+    trainer = _trainer(cfg, directory, k, task, callbacks)
     stop = threading.Event()
     watcher = threading.Thread(
         target=_watch, args=(board, d.iterations, f"stage {k}/{d.num_stages}", progress, stop, sink), daemon=True
     )
     watcher.start()
     try:
-        result = _fit_off_main_thread(trainer)
+        result = fit_off_main_thread(trainer, board, linked=bool(callbacks))
     finally:
         stop.set()
         watcher.join(timeout=10 if sink is None else 120)  # the last records are logged before the stage ends
@@ -202,29 +207,3 @@ def run_stage(
         validation_seconds=state.validation_seconds,
         step_seconds=state.step_seconds,
     )
-
-
-def _fit_off_main_thread(trainer):
-    """``trainer.fit()`` in a helper thread, the main thread waiting.
-
-    On the main thread Ray Train installs its own SIGINT handler and never removes it: Ctrl-C then
-    aborts the Train run and the process exits 1 with no message, during the stage and in every
-    phase after it. Off the main thread Train leaves SIGINT alone (as under Tune), so Ctrl-C raises
-    KeyboardInterrupt here and the CLI stops Ray, closes the MLflow runs and exits 130; the
-    stage's checkpoints stay for the re-run.
-    """
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = err
-
-    thread = threading.Thread(target=target, name="pdd-ray-stage", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]

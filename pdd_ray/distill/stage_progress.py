@@ -28,6 +28,15 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.state: dict = {}
         self.records: list[tuple[str, int, object]] = []
+        self.controller_handle = None
+
+    def set_controller(self, handle) -> None:
+        """Keep the stage's Train controller (from :class:`pdd_ray.distill.fit_thread.ControllerLink`)."""
+        self.controller_handle = handle
+
+    def controller(self):
+        """The stage's Train controller, or None before it has started."""
+        return self.controller_handle
 
     def update(self, **kw) -> None:
         self.state.update(kw)

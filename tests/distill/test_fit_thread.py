@@ -1,0 +1,96 @@
+"""Ctrl-C during a stage's fit: the fit has returned before the KeyboardInterrupt goes on, so
+that the CLI's Ray shutdown never runs under a thread blocked in ``ray.get`` (which crashed
+the process with SIGSEGV, exit -11, in CI)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from pdd_ray.distill.fit_thread import controller_callbacks, fit_off_main_thread
+from pdd_ray.distill.stage_progress import ProgressBoard
+
+
+@ray.remote(num_cpus=0)
+class _Hang:
+    """Stands in for Train's controller: ``run`` never returns on its own."""
+
+    def run(self) -> None:
+        time.sleep(600)
+
+
+class _BlockedTrainer:
+    """``fit()`` blocks in ``ray.get`` on the controller's ``run``, as Train's fit does."""
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+        self.exited = threading.Event()
+        self.error: BaseException | None = None
+
+    def fit(self):
+        try:
+            return ray.get(self.controller.run.remote())
+        except BaseException as err:
+            self.error = err
+            raise
+        finally:
+            self.exited.set()
+
+
+def _interrupt_after(seconds: float) -> threading.Timer:
+    """Ctrl-C (a real SIGINT to this process, whose main thread runs the test) after ``seconds``."""
+    timer = threading.Timer(seconds, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_ctrl_c_kills_the_controller_and_the_fit_has_returned_before_the_interrupt_goes_on(ray_session):
+    board = ProgressBoard.remote()
+    controller = _Hang.remote()
+    board.set_controller.remote(controller)
+    trainer = _BlockedTrainer(controller)
+    _interrupt_after(0.5)
+    with pytest.raises(KeyboardInterrupt):
+        fit_off_main_thread(trainer, board, linked=True, grace_s=30)
+    assert trainer.exited.is_set(), "the fit was still blocked in ray.get when the interrupt went on"
+    assert isinstance(trainer.error, ray.exceptions.RayActorError)
+    ray.kill(board)
+
+
+def test_a_real_train_run_interrupted_while_starting_ends_through_its_controller(ray_session, tmp_path):
+    """Ctrl-C before Train's controller has even reported: the stop waits for its handle (sent
+    by ControllerLink from inside the real controller), kills it, and fit() has returned."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config):
+        time.sleep(600)
+
+    board = ProgressBoard.remote()
+    callbacks = controller_callbacks(board)
+    assert callbacks, "this Ray Train has no controller callbacks: Ctrl-C could not end a stage's fit"
+    trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="hang", storage_path=str(tmp_path), callbacks=callbacks))
+    ended = threading.Event()
+    real_fit = trainer.fit
+
+    def fit():
+        try:
+            return real_fit()
+        finally:
+            ended.set()
+
+    trainer.fit = fit
+    _interrupt_after(0.3)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fit_off_main_thread(trainer, board, linked=True, grace_s=60)
+    assert ended.is_set(), "fit() had not returned when the interrupt went on"
+    assert ray.get(board.controller.remote()) is not None  # the real controller reported itself
+    assert time.monotonic() - t0 < 60
+    ray.kill(board)
