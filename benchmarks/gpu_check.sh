@@ -18,6 +18,10 @@
 #   stage    one short CIFAR-shaped PDD stage (random images in CIFAR-10's on-disk format, 3x32x32)
 #            with 2 Ray Train workers sharing the GPU (distill.gpus_per_worker=0.5)
 # At most 8 files are written to OUT_DIR (the device tool returns no more).
+#
+# Without Ray (the lent GPU machine has PyTorch but no Ray or MLflow, and Ray's wheel is larger
+# than what may travel to it), the Ray-free steps still run: env, the CUDA tests of modules that
+# need no Ray, and speed; the stage step is reported as skipped, not as passed.
 set -uo pipefail
 
 CPU=0
@@ -44,16 +48,29 @@ step() {  # step NAME COMMAND...: run, log to OUT_DIR/NAME.log, record rc and se
 }
 
 step env "$PY" - <<'EOF'
-import os, platform, torch, ray
-print("python", platform.python_version(), "| torch", torch.__version__, "| ray", ray.__version__)
+import os, platform, torch
+try:
+    import ray
+    ray_version = ray.__version__
+except ImportError:
+    ray_version = "not installed"
+print("python", platform.python_version(), "| torch", torch.__version__, "| ray", ray_version)
 print("cuda available:", torch.cuda.is_available(), "| cpus:", os.cpu_count())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", p.name, f"{p.total_memory / 1024**3:.1f} GiB", "| capability", torch.cuda.get_device_capability(0))
 EOF
 
+HAVE_RAY=1
+"$PY" -c "import ray, mlflow" 2>/dev/null || HAVE_RAY=0
+
 # the tests that skip without CUDA: name them by their skip reason, so a new one is picked up
-step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "gpu or cuda"
+# (without Ray, only the modules that import none: collecting the others would fail)
+if [[ $HAVE_RAY == 1 ]]; then
+    step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "gpu or cuda"
+else
+    step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_augment.py -k "gpu or cuda"
+fi
 
 if [[ $CPU == 1 ]]; then
     step speed "$PY" benchmarks/speed.py --quick --threads 2 --out "$OUT_DIR/speed.json"
@@ -66,6 +83,12 @@ else
     GPU_ARGS=(distill.use_gpu=true distill.gpus_per_worker=0.5 experts.gpus=0.5 evaluation.gpus_per_run=0.5)
     SIZE=(experts.num_experts=4 experts.epochs=8 distill.max_start_epoch=4 distill.iterations=40 distill.syn_steps=20
           distill.eval_epochs=100 evaluation.epochs_per_stage=100 evaluation.full_epochs=20)
+fi
+
+if [[ $HAVE_RAY == 0 ]]; then
+    echo "stage skipped: Ray or MLflow not importable here" | tee -a "$OUT_DIR/summary.txt"
+    echo "gpu_check: $([[ $status == 0 ]] && echo "Ray-free steps passed, stage skipped" || echo some steps FAILED) (summary: $OUT_DIR/summary.txt)"
+    exit $status
 fi
 
 # CIFAR-10's own on-disk format, random images (the test suite's fake writer): 500 train, 100 test

@@ -13,8 +13,9 @@ official source):
   module's parameters for views of that vector before each call (the official
   ``ReparamModule`` approach);
 * DSA in the official "single" mode: one family per call, per-image parameters drawn from the
-  global RNG on the CPU, the affine families building their 2x3 matrices image by image in
-  Python, crop through a padded, permuted copy and advanced indexing, cutout through a mask;
+  global RNG, the affine families building their 2x3 matrices image by image in Python on
+  the CPU (the other families draw on the images' device, as the official code does), crop
+  through a padded, permuted copy and advanced indexing, cutout through a mask;
 * the unroll: a fresh random permutation split into ``batch_syn`` chunks, ``syn_steps`` plain
   SGD steps ``w <- w - lr * grad`` with ``autograd.grad(create_graph=True)``, the normalised
   parameter distance, and one ``backward()`` to the images and the learning rate.
@@ -97,24 +98,25 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
 
 
 def _flip(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.rand(x.shape[0], 1, 1, 1) < _FLIP, x.flip(3), x)
+    return torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < _FLIP, x.flip(3), x)
 
 
 def _color(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    x = x + (torch.rand(n, 1, 1, 1) - 0.5) * _BRIGHT
+    x = x + (torch.rand(n, 1, 1, 1, device=x.device) - 0.5) * _BRIGHT
     m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * (torch.rand(n, 1, 1, 1) * _SAT) + m
+    x = (x - m) * (torch.rand(n, 1, 1, 1, device=x.device) * _SAT) + m
     m = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - m) * (torch.rand(n, 1, 1, 1) + _CONTRAST) + m
+    return (x - m) * (torch.rand(n, 1, 1, 1, device=x.device) + _CONTRAST) + m
 
 
 def _crop(x: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
     sh, sw = int(h * _CROP + 0.5), int(w * _CROP + 0.5)
-    tx = torch.randint(-sh, sh + 1, (n, 1, 1))
-    ty = torch.randint(-sw, sw + 1, (n, 1, 1))
-    gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(h), torch.arange(w), indexing="ij")
+    tx = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
+    ty = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device)
+    d = x.device
+    gb, gx, gy = torch.meshgrid(torch.arange(n, device=d), torch.arange(h, device=d), torch.arange(w, device=d), indexing="ij")
     gx = torch.clamp(gx + tx + 1, 0, h + 1)
     gy = torch.clamp(gy + ty + 1, 0, w + 1)
     padded = F.pad(x, [1, 1, 1, 1])
@@ -124,12 +126,13 @@ def _crop(x: torch.Tensor) -> torch.Tensor:
 def _cutout(x: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
     ch, cw = int(h * _CUTOUT + 0.5), int(w * _CUTOUT + 0.5)
-    ox = torch.randint(0, h + (1 - ch % 2), (n, 1, 1))
-    oy = torch.randint(0, w + (1 - cw % 2), (n, 1, 1))
-    gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(ch), torch.arange(cw), indexing="ij")
+    ox = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device)
+    oy = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device)
+    d = x.device
+    gb, gx, gy = torch.meshgrid(torch.arange(n, device=d), torch.arange(ch, device=d), torch.arange(cw, device=d), indexing="ij")
     gx = torch.clamp(gx + ox - ch // 2, 0, h - 1)
     gy = torch.clamp(gy + oy - cw // 2, 0, w - 1)
-    mask = torch.ones(n, h, w, dtype=x.dtype)
+    mask = torch.ones(n, h, w, dtype=x.dtype, device=x.device)
     mask[gb, gx, gy] = 0
     return x * mask.unsqueeze(1)
 
