@@ -71,8 +71,8 @@ def fit_off_main_thread(trainer, board, linked: bool, grace_s: float = 30.0) -> 
 
     # finished, not thread.is_alive(): on Python 3.11 a join() cut short by Ctrl-C marks the
     # thread stopped while it still runs
-    threading.Thread(target=target, name="pdd-ray-stage", daemon=True).start()
     try:
+        threading.Thread(target=target, name="pdd-ray-stage", daemon=True).start()
         while not finished.wait(0.2):  # a short wait: any interrupt is seen within 0.2 s
             pass
     except BaseException:
