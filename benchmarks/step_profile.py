@@ -31,8 +31,10 @@ CUDA_CALLS = ("cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "c
               "cudaMemsetAsync", "cudaEventRecord", "cuLaunchKernel", "cudaLaunchKernelExC")
 
 
-def profile_step(unroll: str, shape: str, images: int, steps: int, device: torch.device, top: int) -> dict:
-    """Profile one iteration after two warm-ups; counts and the top operators by self host time."""
+def profile_step(unroll: str, shape: str, images: int, steps: int, device: torch.device, top: int,
+                 by_shape: bool = False) -> dict:
+    """Profile one iteration after two warm-ups; counts and the top operators by self host time
+    (with ``by_shape``, per operator and input shapes, to tell apart calls of one operator)."""
     setting = speed.Setting(shape, images, steps, unroll)
     once, _ = (speed._official_once if unroll == "official" else speed._ours_once)(setting, device)
     for seed in (0, 1):
@@ -40,22 +42,23 @@ def profile_step(unroll: str, shape: str, images: int, steps: int, device: torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=by_shape) as prof:
         once(steps, 2)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     averages = prof.key_averages()
     calls = collections.Counter({e.key: e.count for e in averages})
+    shaped = prof.key_averages(group_by_input_shape=True) if by_shape else averages
     aten = sum(c for k, c in calls.items() if k.startswith("aten::"))
     runtime = {k: calls[k] for k in CUDA_CALLS if calls.get(k)}
-    by_self = sorted((e for e in averages if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    by_self = sorted((e for e in shaped if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
     return {
         "unroll": unroll,
         "aten_calls": aten,
         "cuda_runtime_calls": runtime,
         "host_ms_total": sum(e.self_cpu_time_total for e in averages) / 1000,
-        "top_self_host_ms": [{"op": e.key, "calls": e.count, "self_host_ms": round(e.self_cpu_time_total / 1000, 2)}
-                             for e in by_self[:top]],
+        "top_self_host_ms": [{"op": e.key + (f" {e.input_shapes}" if by_shape else ""), "calls": e.count,
+                              "self_host_ms": round(e.self_cpu_time_total / 1000, 2)} for e in by_self[:top]],
     }
 
 
@@ -65,16 +68,18 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--by-shape", action="store_true", help="group operators by input shapes too")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/step_profile.json"))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = [profile_step(u, args.shape, args.images, args.steps, device, args.top) for u in ("official", "full")]
+    rows = [profile_step(u, args.shape, args.images, args.steps, device, args.top, args.by_shape)
+            for u in ("official", "full")]
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": args.shape, "images": args.images, "steps": args.steps, "steps_profiled": rows}
     for r in rows:
         print(f"{r['unroll']}: {r['aten_calls']} aten calls, host {r['host_ms_total']:.1f} ms, CUDA {r['cuda_runtime_calls']}")
         for t in r["top_self_host_ms"]:
-            print(f"    {t['op']:36s} {t['calls']:6d} calls {t['self_host_ms']:8.2f} ms")
+            print(f"    {t['op'][:110]:110s} {t['calls']:6d} calls {t['self_host_ms']:8.2f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
