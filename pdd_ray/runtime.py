@@ -22,6 +22,17 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
 
 
+#: Whether this process started its own local Ray instance (``ensure_ray``): then everything
+#: on it ends with the process, and a Ctrl-C can stop a stage without Train's slow abort.
+_STARTED_LOCAL = False
+
+
+def started_local_instance() -> bool:
+    """True when this process started the local Ray instance it uses (not a cluster's, not one
+    that was up before, as in a notebook or a test session)."""
+    return _STARTED_LOCAL and ray.is_initialized()
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (or a job's cluster), else start a local one.
 
@@ -45,6 +56,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=verbose,
         configure_logging=True,
     )
+    global _STARTED_LOCAL
+    _STARTED_LOCAL = True
 
 
 def ensure_storage(cfg) -> None:

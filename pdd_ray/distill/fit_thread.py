@@ -10,8 +10,12 @@ Why the stop waits for the helper thread: at Ctrl-C that thread is still blocked
 Train's ``ray.get(controller.run.remote())``. Shutting Ray down destroys the driver's core
 worker under it, and that crashed the process now and then (SIGSEGV, exit -11 instead of 130;
 seen in CI, and reproduced here about once in four interrupts on a loaded machine). So
-before the KeyboardInterrupt goes on, the run's Train controller is killed, which makes that
-``ray.get`` raise at once, and the thread is awaited. The controller's handle reaches the
+before the KeyboardInterrupt goes on, the run's Train controller is ended, which makes that
+``ray.get`` raise, and the thread is awaited. How it is ended depends on who owns Ray: on a
+local instance this process started (the CLI's default), which goes with the process, it is
+killed at once (Ctrl-C to exit: about 4 s here); on a cluster or an instance that outlives the
+command, Train's own abort runs first (about 10-15 s here), because a killed controller left
+its workers' placement group, and with it their CPUs, reserved (seen in a test session). The controller's handle reaches the
 driver through :class:`ControllerLink`, a Ray Train controller callback (a DeveloperAPI)
 that hands it to the stage's :class:`~pdd_ray.distill.stage_progress.ProgressBoard`.
 """
@@ -23,6 +27,8 @@ import time
 from typing import Any
 
 import ray
+
+from pdd_ray.runtime import started_local_instance
 
 try:  # Ray Train v2's controller callbacks; absent in other Ray versions
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -54,7 +60,7 @@ def controller_callbacks(board) -> list:
 def fit_off_main_thread(trainer, board, linked: bool, grace_s: float = 30.0) -> Any:
     """``trainer.fit()`` in a helper thread while the main thread waits; its result or error.
 
-    On an exception in the main thread (Ctrl-C), the run's controller is killed and the helper
+    On an exception in the main thread (Ctrl-C), the run's controller is ended and the helper
     thread awaited for up to ``grace_s`` before the exception goes on (see the module
     docstring); ``linked`` says whether the controller will report its handle to ``board``.
     """
@@ -76,32 +82,48 @@ def fit_off_main_thread(trainer, board, linked: bool, grace_s: float = 30.0) -> 
         while not finished.wait(0.2):  # a short wait: any interrupt is seen within 0.2 s
             pass
     except BaseException:
-        stop_fit(board, finished, grace_s if linked else 2.0)
+        stop_fit(board, finished, grace_s if linked else 2.0, graceful=not started_local_instance())
         raise
     if "error" in box:
         raise box["error"]
     return box["result"]
 
 
-def stop_fit(board, finished: threading.Event, grace_s: float) -> bool:
-    """Kill the fit's controller (as soon as it has reported its handle) until ``finished`` is
-    set or ``grace_s`` has passed; whether the fit has returned."""
+def stop_fit(board, finished: threading.Event, grace_s: float, graceful: bool = True) -> bool:
+    """End the fit's controller (as soon as it has reported its handle), then wait until
+    ``finished`` is set or ``grace_s`` has passed; whether the fit has returned. ``graceful``:
+    Train's abort first (see the module docstring), else a kill at once."""
     deadline = time.monotonic() + grace_s
-    killed = False
+    ended = False
     while not finished.is_set() and time.monotonic() < deadline:
-        if not killed:
-            killed = _kill_controller(board)
+        if not ended:
+            ended = _end_controller(board, abort_s=20.0 if graceful else 0.0)
         finished.wait(0.2)
     return finished.is_set()
 
 
-def _kill_controller(board) -> bool:
-    """Kill the controller the board knows; False while it knows none (Train still starting)."""
+def _end_controller(board, abort_s: float) -> bool:
+    """End the controller the board knows; False while it knows none (Train still starting).
+
+    With ``abort_s`` > 0, Train's own abort first, as its SIGINT handler on the main thread
+    does: it stops the workers (up to 5 s of patience each) and releases their placement
+    group, then ends the controller. A killed controller leaves that placement group to
+    Train's detached cleaner, which missed it in a test. The kill covers a controller too busy
+    or too broken to abort, and is all there is with ``abort_s`` = 0.
+    """
     try:
         handle = ray.get(board.controller.remote(), timeout=5)
-        if handle is None:
-            return False
-        ray.kill(handle, no_restart=True)
-        return True
-    except Exception:  # noqa: BLE001 - board or Ray already gone: nothing left to kill
+    except Exception:  # noqa: BLE001 - board or Ray already gone: nothing left to end
         return False
+    if handle is None:
+        return False
+    if abort_s > 0:
+        try:
+            ray.get(handle.abort.remote(), timeout=abort_s)
+        except Exception:  # noqa: BLE001 - the abort ends the actor (RayActorError), or timed out
+            pass
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+    return True

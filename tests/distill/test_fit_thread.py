@@ -16,12 +16,20 @@ from pdd_ray.distill.fit_thread import controller_callbacks, fit_off_main_thread
 from pdd_ray.distill.stage_progress import ProgressBoard
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=2)
 class _Hang:
-    """Stands in for Train's controller: ``run`` never returns on its own."""
+    """Stands in for Train's controller: ``run`` never returns on its own; ``abort`` ends the
+    actor after ``abort_s``, as Train's does after stopping its workers."""
+
+    def __init__(self, abort_s: float = 0.0) -> None:
+        self.abort_s = abort_s
 
     def run(self) -> None:
         time.sleep(600)
+
+    def abort(self) -> None:
+        time.sleep(self.abort_s)
+        ray.actor.exit_actor()
 
 
 class _BlockedTrainer:
@@ -62,10 +70,29 @@ def test_ctrl_c_kills_the_controller_and_the_fit_has_returned_before_the_interru
     ray.kill(board)
 
 
+def test_on_a_local_instance_of_its_own_the_controller_is_killed_without_waiting_for_its_abort(ray_session, monkeypatch):
+    """The CLI's default: Ray goes with the process, so Ctrl-C need not wait for Train's slow
+    abort (10-15 s here); the fit has still returned before the interrupt goes on."""
+    from pdd_ray.distill import fit_thread
+
+    monkeypatch.setattr(fit_thread, "started_local_instance", lambda: True)
+    board = ProgressBoard.remote()
+    controller = _Hang.remote(abort_s=60)
+    board.set_controller.remote(controller)
+    trainer = _BlockedTrainer(controller)
+    _interrupt_after(0.5)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fit_off_main_thread(trainer, board, linked=True, grace_s=30)
+    assert trainer.exited.is_set()
+    assert time.monotonic() - t0 < 10, "the stop waited for the controller's abort"
+    ray.kill(board)
+
+
 def test_a_real_train_run_interrupted_early_ends_through_its_controller(ray_session, tmp_path):
     """Ctrl-C 1 s into a real fit, usually before Train's controller has reported (it takes
     4-7 s to start here): the stop waits for its handle (sent by ControllerLink from inside
-    the real controller), kills it, and fit() has returned."""
+    the real controller), ends it, fit() has returned and the CPUs are free again."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,3 +122,13 @@ def test_a_real_train_run_interrupted_early_ends_through_its_controller(ray_sess
     assert ray.get(board.controller.remote()) is not None  # the real controller reported itself
     assert time.monotonic() - t0 < 60
     ray.kill(board)
+    _assert_all_cpus_free_within(30)
+
+
+def _assert_all_cpus_free_within(seconds: float) -> None:
+    """The stopped run released its workers' CPUs (a leaked placement group would hold them for
+    the rest of a Ray session that outlives the command)."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()} of {ray.cluster_resources()}"
+        time.sleep(0.5)
