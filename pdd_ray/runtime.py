@@ -22,15 +22,17 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
 
 
-#: Whether this process started its own local Ray instance (``ensure_ray``): then everything
-#: on it ends with the process, and a Ctrl-C can stop a stage without Train's slow abort.
-_STARTED_LOCAL = False
+#: The node id of the local Ray instance this process started (``ensure_ray``), if any: then
+#: everything on it ends with the process, and a Ctrl-C can stop a stage without Train's slow
+#: abort. An id, not a flag: after that instance is shut down, a later one (a test session's,
+#: a notebook's) is not the process's own.
+_STARTED_NODE: str | None = None
 
 
 def started_local_instance() -> bool:
     """True when this process started the local Ray instance it uses (not a cluster's, not one
     that was up before, as in a notebook or a test session)."""
-    return _STARTED_LOCAL and ray.is_initialized()
+    return ray.is_initialized() and _STARTED_NODE == ray.get_runtime_context().get_node_id()
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -56,8 +58,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=verbose,
         configure_logging=True,
     )
-    global _STARTED_LOCAL
-    _STARTED_LOCAL = True
+    global _STARTED_NODE
+    _STARTED_NODE = ray.get_runtime_context().get_node_id()
 
 
 def ensure_storage(cfg) -> None:

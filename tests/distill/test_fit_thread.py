@@ -132,3 +132,27 @@ def _assert_all_cpus_free_within(seconds: float) -> None:
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()} of {ray.cluster_resources()}"
         time.sleep(0.5)
+
+
+def test_only_the_instance_the_process_started_counts_as_its_own(tmp_path):
+    """Before it, after it is shut down, and for an instance someone else started later (a
+    test session's, a notebook's), ``started_local_instance`` is False: there a Ctrl-C must take
+    Train's abort, not the kill that would leave CPUs reserved."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import ray\n"
+        "from pdd_ray import runtime\n"
+        "seen = [runtime.started_local_instance()]\n"
+        "runtime.ensure_ray(1); seen.append(runtime.started_local_instance())\n"
+        "runtime.shutdown_ray(); seen.append(runtime.started_local_instance())\n"
+        "ray.init(address='local', num_cpus=1, logging_level='ERROR'); seen.append(runtime.started_local_instance())\n"
+        "ray.shutdown(); print(seen)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[False, True, False, False]"
