@@ -13,9 +13,10 @@ seen in CI, and reproduced here about once in four interrupts on a loaded machin
 before the KeyboardInterrupt goes on, the run's Train controller is ended, which makes that
 ``ray.get`` raise, and the thread is awaited. How it is ended depends on who owns Ray: on a
 local instance this process started (the CLI's default), which goes with the process, it is
-killed at once (Ctrl-C to exit: 5-12 s here, benchmarks/interrupt.py); on a cluster or an instance that outlives the
-command, Train's own abort runs first (10-15 s here), because a killed controller left its
-workers' placement group, and with it their CPUs, reserved (seen in a test session).
+killed at once (Ctrl-C to exit: 5-12 s here, ``benchmarks/interrupt.py``); on a cluster or an
+instance that outlives the command, Train's own abort runs first (10-15 s here), because a
+killed controller left its workers' placement group, and with it their CPUs, reserved (seen
+in a test session).
 
 The controller's handle reaches the driver through :class:`ControllerLink`, a Ray Train
 controller callback (a DeveloperAPI) that hands it to the stage's
