@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,17 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from pdd_ray.atomic import write_text_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def one_trial(source: Path, delay: float, work: Path) -> dict:
+def one_trial(source: Path, delay: float, work: Path, tiny_overrides) -> dict:
     """Run, interrupt ``delay`` s into stage 1, wait for the exit; status, seconds, stderr tail."""
-    sys.path.insert(0, str(source / "tests"))
-    from conftest import _tiny_overrides
-
     storage = Path(tempfile.mkdtemp(prefix="run", dir=work)) / "s"
     ray_tmp = tempfile.mkdtemp(prefix="pdr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    overrides = [o for o in _tiny_overrides(str(storage)) if not o.startswith("tracking")]
+    overrides = [o for o in tiny_overrides(str(storage)) if not o.startswith("tracking")]
     argv = [sys.executable, "-m", "pdd_ray", "run", "digits", *overrides, "distill.iterations=400", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(source), "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(argv, cwd=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -54,6 +54,8 @@ def one_trial(source: Path, delay: float, work: Path) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {"delay_s": delay, "rc": proc.returncode, "exit_s": round(time.monotonic() - t0, 1),
             "stderr_tail": "" if proc.returncode == 130 else err[-1500:]}
 
@@ -66,12 +68,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/interrupt.json")
     args = p.parse_args()
     delays = [float(d) for d in args.delays.split(",")]
+    source = args.source.resolve()
+    sys.path.insert(0, str(source / "tests"))
+    from conftest import _tiny_overrides  # the test suite's tiny digits run
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     trials = []
     try:
         with tempfile.TemporaryDirectory(prefix="pdd_interrupt") as work:
             for d in delays:
-                t = one_trial(args.source.resolve(), d, Path(work))
+                t = one_trial(source, d, Path(work), _tiny_overrides)
                 trials.append(t)
                 print(f"delay {d:4.1f} s: exit {t['rc']}, {t['exit_s']} s after SIGINT", flush=True)
     finally:
@@ -81,9 +86,7 @@ def main() -> None:
     times = sorted(t["exit_s"] for t in trials if t["rc"] == 130)
     print(f"{clean} of {len(trials)} exited 130" + (f"; Ctrl-C to exit {times[0]}-{times[-1]} s" if times else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"load": args.load, "source": str(args.source), "trials": trials}, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps({"load": args.load, "source": str(args.source), "trials": trials}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import speed  # noqa: E402 - the benchmark's own builders of both steps
 
+from pdd_ray.atomic import write_text_atomic  # noqa: E402
+
 CUDA_CALLS = ("cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize",
               "cudaMemsetAsync", "cudaEventRecord", "cuLaunchKernel", "cudaLaunchKernelExC")
 
@@ -81,9 +83,7 @@ def main() -> None:
         for t in r["top_self_host_ms"]:
             print(f"    {t['op'][:110]:110s} {t['calls']:6d} calls {t['self_host_ms']:8.2f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
