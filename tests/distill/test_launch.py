@@ -20,9 +20,23 @@ def test_trainer_takes_the_gpu_share_and_the_collective_timeout(tmp_path):
 
 
 def test_cpu_workers_ask_for_no_gpu_and_the_default_timeout_outlasts_torchs(tmp_path):
-    trainer = launch._trainer(load_config("digits"), tmp_path, 1, None)
-    assert trainer.scaling_config.resources_per_worker == {"CPU": load_config("digits").distill.cpus_per_worker}
+    cfg = load_config("digits", ["distill.num_workers=2", "distill.cpus_per_worker=1"])
+    trainer = launch._trainer(cfg, tmp_path, 1, None)
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 1}
     assert trainer.backend_config.timeout_s > 1800  # torch's default would cut a long validation round
+
+
+def test_a_single_worker_stage_gets_no_torch_process_group(tmp_path):
+    """One worker has nobody to all-reduce with: no TorchConfig, so the controller does not
+    import torch and the worker joins no gloo group (about 6 s per stage here)."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = load_config("digits")
+    assert cfg.distill.num_workers == 1
+    trainer = launch._trainer(cfg, tmp_path, 1, None)
+    assert not isinstance(trainer, TorchTrainer)
+    assert not isinstance(trainer.backend_config, TorchConfig)
+    assert trainer.scaling_config.resources_per_worker == {"CPU": cfg.distill.cpus_per_worker}
 
 
 def test_gpu_share_without_gpus_is_a_one_line_error():
