@@ -91,7 +91,7 @@ def _initial_sets(cfg: PddConfig, prepared: Prepared, k: int, cond: Conditioning
 
 def _stage_task(cfg: PddConfig, prepared: Prepared, directory: Folder, k: int, cond: Conditioning,
                 init: StageSets, board, record: bool) -> StageTask:
-    """Everything stage k's workers need, sent once through ``train_loop_config``."""
+    """Everything stage k's workers need; it reaches them through the object store (``run_stage``)."""
     d, b = cfg.distill, prepared.bundle
     method = method_class(d.method)
     settings = method_settings(cfg, b.num_classes, k)
@@ -140,10 +140,17 @@ def _solo_trainer_class():
     return DataParallelTrainer if is_v2_enabled() else None
 
 
-def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: StageTask, callbacks: list | None = None):
+def _trainer(cfg: PddConfig, directory: str | Path | Folder, k: int, task: ray.ObjectRef | None,
+             callbacks: list | None = None):
     """The stage's Ray Train trainer: its workers, checkpoints and restarts. Several workers
     get a ``TorchTrainer`` (a process group for their gradient all-reduce); one worker gets a
-    plain data-parallel trainer without one (:func:`_solo_trainer_class`)."""
+    plain data-parallel trainer without one (:func:`_solo_trainer_class`).
+
+    ``task`` is the :class:`StageTask` already in the object store: Train hands its
+    ``train_loop_config`` to the controller, which unpickles it, and a task's tensors would
+    make that process import torch (about 4 s of CPU per stage here) for data only the
+    workers read; as a reference it is also stored once, however many workers fetch it.
+    """
     directory = Folder.at(directory)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -196,7 +203,7 @@ def run_stage(
     problem_path.unlink()
     board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     callbacks = controller_callbacks(board)  # so that Ctrl-C can end the fit before Ray stops
-    task = _stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None)
+    task = ray.put(_stage_task(cfg, prepared, directory, k, cond, init, board, sink is not None))
     trainer = _trainer(cfg, directory, k, task, callbacks)
     stop = threading.Event()
     watcher = threading.Thread(

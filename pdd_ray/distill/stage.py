@@ -88,9 +88,9 @@ class Runtime:
 
 @dataclass(frozen=True)
 class StageTask:
-    """Everything a worker needs for one stage (sent once through ``train_loop_config``): the
-    base method's name and what it sees (:class:`MethodContext`), the optimisation, the
-    validation and how the worker runs."""
+    """Everything a worker needs for one stage (in the object store, its reference in
+    ``train_loop_config``): the base method's name and what it sees (:class:`MethodContext`),
+    the optimisation, the validation and how the worker runs."""
 
     method: str  # a key of pdd_ray.distill.methods.METHODS
     context: MethodContext
@@ -543,7 +543,7 @@ def stage_worker(config: dict) -> None:
     report, and checkpoint every ``checkpoint_every``. A non-finite value stops every worker
     without a checkpoint.
     """
-    task: StageTask = config["task"]
+    task: StageTask = ray.get(config["task"])
     rank = ray.train.get_context().get_world_rank()
     run = StageRun(task, rank, _setup_worker(task, rank))
     try:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from pdd_ray.config import load_config
 from pdd_ray.distill import identity, launch
 from pdd_ray.distill.methods import method_class
-from pdd_ray.distill.stage import STATE_FILE, iteration_generator
+from pdd_ray.distill.stage import STATE_FILE, StageTask, iteration_generator
 from pdd_ray.experts.produce import expert_store_root, stage1_experts
 from pdd_ray.prepare import prepare
 
@@ -32,8 +33,9 @@ def two_workers(ray_session, tmp_path_factory, tiny_overrides):
 
     class Spy(real_trainer):
         def __init__(self, *a, train_loop_config=None, **k):
-            captured["task"] = train_loop_config["task"]
+            captured["task"] = ray.get(train_loop_config["task"])
             super().__init__(*a, train_loop_config=train_loop_config, **k)
+            captured["controller_config"] = self.train_run_context.train_loop_config
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ray.train.torch, "TorchTrainer", Spy)
@@ -45,7 +47,7 @@ def two_workers(ray_session, tmp_path_factory, tiny_overrides):
     states = [torch.load(p, map_location="cpu", weights_only=True)
               for p in Path(directory, "train", "stage_1").glob(f"checkpoint_*/{STATE_FILE}")]
     final = next(s for s in states if int(s["iteration"]) == 1)
-    return cfg, captured["task"], final
+    return cfg, captured["task"], final, captured["controller_config"]
 
 
 def _rank_update(task, rank: int):
@@ -66,7 +68,7 @@ def _rank_update(task, rank: int):
 
 
 def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers):
-    cfg, task, final = two_workers
+    cfg, task, final, _ = two_workers
     init, opt = task.context.sets.init_images, task.optimisation
     threads = torch.get_num_threads()
     torch.set_num_threads(task.runtime.threads)  # as the workers did
@@ -92,7 +94,7 @@ def test_two_workers_draw_different_samples_and_step_with_their_mean(two_workers
 def test_one_worker_with_two_trajectories_steps_like_two_workers(two_workers, ray_session, tmp_path, tiny_overrides):
     """``distill.trajectories_per_worker=2`` on one worker draws ranks 0 and 1's samples and
     averages them in-process (vmapped unrolls): the same step as the two Ray Train workers."""
-    cfg2, _, final2 = two_workers
+    cfg2, _, final2, _ = two_workers
     cfg = load_config("digits", tiny_overrides(str(tmp_path)) + [
         "distill.num_workers=1", "distill.trajectories_per_worker=2", "distill.cpus_per_worker=1",
         "distill.iterations=1", "distill.num_stages=1", "distill.eval_every=1", "distill.lr_lr=1.0",
@@ -108,11 +110,21 @@ def test_one_worker_with_two_trajectories_steps_like_two_workers(two_workers, ra
     torch.testing.assert_close(final["alpha"], final2["alpha"], rtol=1e-4, atol=1e-9)
 
 
+def test_the_stage_task_reaches_the_workers_by_reference_not_through_the_controller(two_workers):
+    """Train unpickles ``train_loop_config`` in its controller: a task inline there made that
+    process import torch for its tensors (about 4 s of CPU per stage); a reference is fetched
+    by the workers alone, from one copy in the object store."""
+    _, task, _, controller_config = two_workers
+    assert set(controller_config) == {"task"}
+    assert isinstance(controller_config["task"], ray.ObjectRef)
+    assert isinstance(task, StageTask)
+
+
 @pytest.mark.parametrize("unroll", ["full", "checkpoint"])
 def test_update_many_is_the_mean_of_the_ranks_updates(two_workers, unroll):
     """K samples on one worker (vmapped with the full unroll, one by one with ``checkpoint``)
     average what ``update`` computes for each of those ranks alone."""
-    _, task, _ = two_workers
+    _, task, _, _ = two_workers
     method = method_class(task.method)(task.context, torch.device("cpu"))
     method.settings = {**method.settings, "unroll": unroll}
     x = task.context.sets.init_images.clone().requires_grad_(True)
