@@ -520,7 +520,9 @@ class _Recorder:
         self.last = self.board.record.remote("metrics", step, values)
 
     def images(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.last = self.board.record.remote("images", step, (images, labels))
+        # as NumPy arrays: tensors would make the progress actor import torch just to hold them
+        # (about 4 CPU seconds per stage on 2 cores); the driver turns them back into tensors
+        self.last = self.board.record.remote("images", step, (images.detach().cpu().numpy(), labels.cpu().numpy()))
 
     def flush(self) -> None:
         if self.last is not None:

@@ -46,7 +46,8 @@ class ProgressBoard:
 
     def record(self, kind: str, step: int, payload: object) -> None:
         """Keep one record for the driver: ``("metrics", step, {name: value})`` or
-        ``("images", step, (images, labels))``."""
+        ``("images", step, (images, labels))``, the images and labels as NumPy arrays (this
+        actor never imports torch)."""
         self.records.append((kind, step, payload))
 
     def drain(self) -> list[tuple[str, int, object]]:
@@ -67,7 +68,9 @@ def _forward(board, sink: StageSink | None) -> None:
         if kind == "metrics":
             sink.metrics(step, **payload)
         else:
-            sink.images(step, *payload)
+            import torch  # the driver has it already; the board's module must not import it
+
+            sink.images(step, *(torch.tensor(a) for a in payload))  # a copy: Ray hands back read-only arrays
 
 
 def _watch(board, total: int, desc: str, enabled: bool, stop: threading.Event, sink: StageSink | None = None) -> None:
