@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pdd_ray.distill.launch import _solo_trainer_class  # noqa: E402
 
 
 def _loop(config: dict) -> None:
@@ -33,8 +34,6 @@ def _loop(config: dict) -> None:
 def _fit(kind: str, folder: Path, i: int) -> tuple[float, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pdd_ray.distill.launch import _solo_trainer_class
 
     mark = folder / f"mark_{i}"
     common = dict(train_loop_config={"mark": str(mark)},
@@ -56,8 +55,6 @@ def main() -> None:
 
     from pdd_ray.atomic import write_text_atomic
     from pdd_ray.runtime import ensure_ray
-
-    from pdd_ray.distill.launch import _solo_trainer_class
 
     if _solo_trainer_class() is None:
         raise SystemExit("this Ray has no Train v2 DataParallelTrainer: nothing to compare")
