@@ -28,8 +28,16 @@ transition network at a time using every core (``experts.cpus`` = all cores), va
 stage's one process. ``--source PATH`` runs another checkout (e.g. a ``git worktree`` of an
 older commit) to measure "before".
 
+``--fit`` runs nothing: it fits the whole command's wall time against the stage iterations'
+seconds over the runs already in ``--out`` (least squares, one line) and prints the iteration
+time at which a target (``--target-s``, default 240) is met. Why: this VM's speed drifts by 2x
+between hours, and the iterations are the same work in every run of the default config, so their
+seconds are the run's own measure of the machine; the fit says how much of a wall-time change the
+machine explains, and the residual what is left for the code.
+
     python benchmarks/run_time.py [--config digits] [--schedule parallel|serial] [--source PATH]
                                   [--label after] [--processes] [--out benchmarks/results/run_time.json]
+    python benchmarks/run_time.py --fit [--target-s 240]
 """
 
 from __future__ import annotations
@@ -115,6 +123,35 @@ def markdown(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def wall_fit(runs: dict[str, dict], target_s: float) -> str:
+    """Least-squares line wall = a + b * iterations over the runs that recorded their iterations,
+    as a small table and one summary line (see the module docstring's ``--fit``)."""
+    points = sorted((r["phases"]["stages: iterations"], r["wall_seconds"], label) for label, r in runs.items()
+                    if r.get("phases", {}).get("stages: iterations"))
+    if len(points) < 2:
+        return f"--fit needs at least 2 runs with the iterations' seconds recorded; found {len(points)}"
+    n = len(points)
+    mean_x = sum(p[0] for p in points) / n
+    mean_y = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mean_x) ** 2 for p in points)
+    if sxx == 0:
+        return "--fit needs runs whose iterations took different times"
+    slope = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points) / sxx
+    icept = mean_y - slope * mean_x
+    lines = ["| run | iterations s | wall s | fit s | residual s |", "|---|---|---|---|---|"]
+    residuals = []
+    for x, y, label in points:
+        fit = icept + slope * x
+        residuals.append(y - fit)
+        lines.append(f"| {label} | {x:.1f} | {y:.1f} | {fit:.1f} | {y - fit:+.1f} |")
+    rms = (sum(r * r for r in residuals) / n) ** 0.5
+    at_target = (target_s - icept) / slope if slope > 0 else float("nan")
+    lines.append("")
+    lines.append(f"wall = {icept:.1f} s + {slope:.2f} x iterations' seconds over {n} runs (rms residual {rms:.1f} s); "
+                 f"{target_s:.0f} s is met where the iterations take {at_target:.1f} s or less")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="digits", help="preset or YAML file (default: digits, the first run)")
@@ -126,8 +163,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="JSON file; runs with other labels already in it are kept")
     ap.add_argument("--processes", action="store_true",
                     help="also sample CPU seconds by process role from /proc (Linux; benchmarks/process_cpu.py)")
+    ap.add_argument("--fit", action="store_true",
+                    help="run nothing: fit wall time against the iterations' seconds over the runs in --out")
+    ap.add_argument("--target-s", type=float, default=240.0, help="wall-time target for --fit (default 240)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to pdd-ray run")
     args = ap.parse_args(argv)
+    if args.fit:
+        if not args.out.is_file():
+            ap.error(f"--fit reads runs from --out, and {args.out} does not exist")
+        print(wall_fit(json.loads(args.out.read_text()).get("runs", {}), args.target_s))
+        return 0
     label = args.label or args.schedule
     runs: dict[str, dict] = {}
     if args.out.is_file():
