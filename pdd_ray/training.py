@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pdd_ray.augment import DiffAugment
+from pdd_ray.sgd import SGD
 
 
 @dataclass(frozen=True)
@@ -29,20 +30,20 @@ class TrainRecipe:
     augment: str = "none"
 
 
-def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.SGD:
+def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> SGD:
     """SGD over all parameters with the recipe's lr, momentum and weight decay.
 
-    ``foreach``: one multi-tensor kernel per update term instead of a Python loop over the
-    parameters (torch only picks it by itself on GPUs). The same arithmetic per element, so the
-    weights are bit-identical (tests/test_training.py); it saves per-step overhead in the many
-    small trainings of a run (evaluation, baselines, validation, experts).
+    :class:`pdd_ray.sgd.SGD` is ``torch.optim.SGD(foreach=True)``'s update without importing
+    TorchDynamo into every training process. foreach: one multi-tensor kernel per update term
+    instead of a Python loop over the parameters (torch only picks it by itself on GPUs). The
+    same arithmetic per element, so the weights are bit-identical to the per-parameter loop
+    (tests/test_training.py); it saves per-step overhead in the many small trainings of a run
+    (evaluation, baselines, validation, experts).
     """
-    return torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, foreach=True
-    )
+    return SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: SGD, lr: float) -> None:
     """Change the learning rate while keeping momentum buffers (PDD's stage carry-over)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -54,10 +55,10 @@ def train(
     y: torch.Tensor,
     recipe: TrainRecipe,
     generator: torch.Generator,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: SGD | None = None,
     on_epoch: Callable[[int], None] | None = None,
     on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-) -> torch.optim.Optimizer:
+) -> SGD:
     """Train ``model`` in place on ``(x, y)`` for ``recipe.epochs`` shuffled epochs.
 
     ``y`` holds class indices, or class probabilities (N x classes, soft labels): cross-entropy

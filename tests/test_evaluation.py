@@ -107,13 +107,15 @@ def test_each_stage_trains_with_its_own_alpha_and_restarts_the_decay(digits, mon
     s2 = StageSet(*random_subset(b, 1, 1), lr=0.02, epochs=6)
     recipe = TrainRecipe(epochs=99, lr=0.01, batch_size=1000, augment="none")  # one step per epoch
     lrs: list[float] = []
-    step = torch.optim.SGD.step
+    from pdd_ray.sgd import SGD
+
+    step = SGD.step
 
     def recording_step(self, *a, **k):
         lrs.append(self.param_groups[0]["lr"])
         return step(self, *a, **k)
 
-    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    monkeypatch.setattr(SGD, "step", recording_step)
     progressive_run(p.spec, [s1, s2], recipe, {"test": (b.test_x, b.test_y)}, seed=0)
     expected = [0.05] * 2 + [0.005] * 2 + [0.02] * 3 + [0.002] * 3
     assert lrs == pytest.approx(expected, rel=1e-12)

@@ -6,6 +6,7 @@ import torch
 
 from pdd_ray.modelspec import ModelSpec, build_seeded
 from pdd_ray.seeding import generator
+from pdd_ray.sgd import SGD
 from pdd_ray.training import TrainRecipe, make_optimizer, train
 
 
@@ -16,7 +17,7 @@ def test_foreach_sgd_trains_to_the_same_weights_as_the_per_parameter_loop() -> N
     recipe = TrainRecipe(epochs=4, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=8, augment="crop_scale_rotate")
     fast, plain = build_seeded(spec, 0), build_seeded(spec, 0)
     opt = make_optimizer(fast, recipe)
-    assert opt.defaults["foreach"] is True
+    assert isinstance(opt, SGD)  # the multi-tensor update, without torch.optim (tests/test_sgd.py)
     train(fast, x, y, recipe, generator(1), optimizer=opt)
     loop = torch.optim.SGD(plain.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                            weight_decay=recipe.weight_decay, foreach=False)

@@ -32,6 +32,7 @@ from pdd_ray.device import pick_device
 from pdd_ray.distill.methods import BaseMethod, MethodContext, method_class
 from pdd_ray.evaluation import StageSet, progressive_run
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.sgd import SGD
 from pdd_ray.storage import Folder
 from pdd_ray.training import TrainRecipe
 
@@ -359,12 +360,12 @@ class StageRun:
         sets, opt = task.context.sets, task.optimisation
         self.images = sets.init_images.clone().to(device).requires_grad_(True)
         self.alpha = torch.tensor(opt.lr_init, device=device, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=opt.lr_img, momentum=0.5)
-        self.opt_lr = torch.optim.SGD([self.alpha], lr=opt.lr_lr, momentum=0.5)
+        self.opt_img = SGD([self.images], lr=opt.lr_img, momentum=0.5)
+        self.opt_lr = SGD([self.alpha], lr=opt.lr_lr, momentum=0.5)
         self.soft = sets.init_soft_labels is not None
         self.labels = sets.init_soft_labels.clone().float().to(device).requires_grad_(True) if self.soft else None
         self.method.soft_labels = self.labels
-        self.opt_labels = (torch.optim.SGD([self.labels], lr=opt.lr_labels, momentum=opt.momentum_labels)
+        self.opt_labels = (SGD([self.labels], lr=opt.lr_labels, momentum=opt.momentum_labels)
                            if self.soft else None)
         self.start = 0
         self.best = Best(-1.0, -1, self.images.detach().cpu().clone(), float(opt.lr_init),

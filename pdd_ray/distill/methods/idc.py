@@ -78,6 +78,7 @@ from pdd_ray.errors import PddError
 from pdd_ray.models import FlatModel
 from pdd_ray.modelspec import build_seeded
 from pdd_ray.seeding import derive_seed, generator
+from pdd_ray.sgd import SGD
 
 
 def multiformation(images: torch.Tensor, labels: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +142,7 @@ class IdcMethod(BaseMethod):
         self.dsa = DiffAugment(strategy, mode=p["augment_mode"])  # Siamese draws for matching
         self.dsa_train = DiffAugment(strategy)  # per-sample draws for the network's real-data steps
         self._net: torch.nn.Module | None = None
-        self._opt: torch.optim.Optimizer | None = None
+        self._opt: SGD | None = None
         self._key: tuple[int, int] | None = None  # (block, rank) of the cached network
         self._done = 0  # the cached network has been trained after iterations [block start, _done)
 
@@ -213,8 +214,8 @@ class IdcMethod(BaseMethod):
             FlatModel(net).load_flat(self.nets.weights(pick, 0, self.device))
         net.train()
         self._net = net
-        self._opt = torch.optim.SGD(net.parameters(), lr=p["net_lr"], momentum=p["net_momentum"],
-                                    weight_decay=p["net_weight_decay"])
+        self._opt = SGD(net.parameters(), lr=p["net_lr"], momentum=p["net_momentum"],
+                        weight_decay=p["net_weight_decay"])
         self._key = (block, rank)
         self._done = block * p["inner_loop"]
 
