@@ -26,21 +26,27 @@ def _grads(params: list[torch.Tensor], step: int) -> None:
         p.grad = None if (i == 2 and step % 2) else torch.randn(p.shape, generator=g)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-4), (0.5, 0.0), (0.0, 1e-2)])
-def test_steps_equal_torch_sgd_bit_for_bit(foreach: bool, momentum: float, weight_decay: float) -> None:
-    ours, theirs = _params(0), _params(0)
-    opt = SGD(ours, lr=0.1, momentum=momentum, weight_decay=weight_decay)
-    ref = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
-    for step in range(6):
-        if step == 3:  # an lr set between steps (the evaluation's decay, a new stage's α)
-            opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01
+def _step_alike(ours: list[torch.Tensor], opt, theirs: list[torch.Tensor], ref, steps: range) -> None:
+    """Give both parameter lists the same gradients each step, step both optimisers, and check
+    that the parameters stay bit-identical."""
+    for step in steps:
         _grads(ours, step)
         _grads(theirs, step)
         opt.step()
         ref.step()
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-4), (0.5, 0.0), (0.0, 1e-2)])
+def test_steps_equal_torch_sgd_bit_for_bit(foreach: bool, momentum: float, weight_decay: float) -> None:
+    ours, theirs = _params(0), _params(0)
+    opt = SGD(ours, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+    _step_alike(ours, opt, theirs, ref, range(3))
+    opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01  # set between steps (evaluation's decay, a stage's α)
+    _step_alike(ours, opt, theirs, ref, range(3, 6))
     assert not torch.equal(ours[0], _params(0)[0])  # it moved
 
 
@@ -48,24 +54,14 @@ def test_state_dict_continues_in_either_optimizer() -> None:
     ours, theirs = _params(1), _params(1)
     opt = SGD(ours, lr=0.05, momentum=0.9, weight_decay=1e-3)
     ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    for step in range(3):
-        _grads(ours, step)
-        _grads(theirs, step)
-        opt.step()
-        ref.step()
+    _step_alike(ours, opt, theirs, ref, range(3))
     # swap: torch continues from our state, we continue from torch's (as checkpoints of either kind load)
     ours_next = SGD(ours, lr=1.0)
     ours_next.load_state_dict(ref.state_dict())
     ref_next = torch.optim.SGD(theirs, lr=1.0, momentum=0.9, weight_decay=1e-3)
     ref_next.load_state_dict(opt.state_dict())
     assert ours_next.param_groups[0]["lr"] == 0.05 and ref_next.param_groups[0]["lr"] == 0.05
-    for step in range(3, 6):
-        _grads(ours, step)
-        _grads(theirs, step)
-        ours_next.step()
-        ref_next.step()
-        for a, b in zip(ours, theirs):
-            assert torch.equal(a, b)
+    _step_alike(ours, ours_next, theirs, ref_next, range(3, 6))
 
 
 def test_zero_grad_and_bad_input_give_one_line() -> None:
